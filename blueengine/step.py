@@ -1,0 +1,557 @@
+"""The runtime of one step replica: take items on credit, run the step function, pass on outputs.
+
+One thread owns every socket. With `concurrency=1` the step function runs on that thread too, so a
+hop costs no thread switch; with more, worker threads run it and hand their outputs back in order
+through a bounded queue, which blocks them when the next step has no room.
+
+For each item the replica reports one ACK record to the hub after everything the item produced
+(outputs, forwarded children) has been sent, so the hub's ledger of the job settles only once the
+whole item is through.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import zmq
+
+from blueengine import codec, protocol
+from blueengine.context import Context
+from blueengine.engine import StepSpec
+from blueengine.errors import ChannelError, CodecError
+from blueengine.jobs import new_item_id
+from blueengine.protocol import Envelope
+from blueengine.transport import Consumer, Producer, configure
+from blueengine.types import CONTROL, FORWARD, StepFunc
+
+logger = logging.getLogger(__name__)
+
+RECORDS_BATCH = 64
+POLL_MS = 100
+DROPPED_MEMORY = 100_000  # cancelled jobs remembered per replica
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """Everything a replica process needs to know: what to run and where its peers are."""
+
+    engine: str
+    spec: StepSpec
+    index: int
+    replica_id: str
+    hub: str
+    upstream: tuple[str, ...]
+    outbox: str | None
+    first: bool
+    allow_pickle: bool = False
+    drain_timeout_s: float = 30.0
+    heartbeat_s: float = 1.0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        return f"blueengine {self.engine} {self.spec.name}[{self.index}]"
+
+    @property
+    def window(self) -> int:
+        # One item in hand and one waiting per worker keeps a worker busy without hoarding.
+        return self.spec.concurrency + 1
+
+
+class _Dropped(Exception):
+    """The item's job was cancelled or ended while it was being processed."""
+
+
+@dataclass
+class _Work:
+    envelope: Envelope
+    data: Any
+    sent: Counter[str] = field(default_factory=Counter)
+    xor: int = 0
+
+
+class Replica:
+    """One process of one step."""
+
+    def __init__(self, plan: ReplicaPlan) -> None:
+        self.plan = plan
+        self.spec = plan.spec
+        self.zmq = zmq.Context()
+        self.hub = self.zmq.socket(zmq.DEALER)
+        configure(self.hub)
+        self.hub.setsockopt(zmq.ROUTING_ID, plan.replica_id.encode())
+        self.hub.connect(plan.hub)
+        identity = plan.replica_id.encode()
+        self.consumer = Consumer(self.zmq, identity, plan.upstream, plan.window)
+        self.producer = Producer(self.zmq, plan.outbox) if plan.outbox else None
+        self.records: list[tuple[Any, ...]] = []
+        self.dropped: OrderedDict[str, int] = OrderedDict()
+        self.func: StepFunc = self.spec.load_func()
+        self.context = Context(
+            step=self.spec.name,
+            replica=plan.index,
+            config=self.spec.config,
+            logger=logging.getLogger(f"blueengine.step.{self.spec.name}"),
+            is_cancelled=self.is_dropped,
+        )
+        self.terminating = False
+        self.bye_acked = False
+        self._workers: _WorkerPool | None = None
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Set up, serve until told to stop, drain, and close."""
+        setup = self.spec.load_setup()
+        if setup is not None:
+            self.context.resources = setup(self.context)
+        if self.spec.concurrency > 1:
+            self._workers = _WorkerPool(self)
+        self._send_hub(protocol.HELLO, protocol.pack(self._hello_info()))
+        heartbeat = _Heartbeat(self.zmq, self.plan)
+        logger.info("Step %s replica %d is ready.", self.spec.name, self.plan.index)
+        try:
+            self._serve()
+            self._drain()
+        finally:
+            heartbeat.stop()
+            self.close()
+
+    def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
+        self.terminating = True
+
+    def close(self) -> None:
+        if self._workers is not None:
+            self._workers.stop()
+        self.consumer.close()
+        if self.producer is not None:
+            self.producer.close()
+        self.hub.close(linger=0)
+        self.zmq.term()
+
+    def _hello_info(self) -> dict[str, Any]:
+        return {"step": self.spec.name, "index": self.plan.index, "pid": _pid()}
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while not self.terminating:
+            self._turn()
+
+    def _turn(self, timeout_ms: int = POLL_MS) -> None:
+        """Wait for something to do, once, and do it."""
+        self.consumer.flush()
+        self.flush_records()
+        poller = self._poller()
+        ready = dict(poller.poll(timeout_ms))
+        if self.hub in ready:
+            self._handle_hub()
+        if self.producer is not None and self.producer.socket in ready:
+            self.producer.handle()
+        if self._workers is not None and self._workers.wake in ready:
+            self._workers.deliver()
+        for sock in list(self.consumer.links):
+            if sock in ready and self._has_room():
+                self._take_from(sock)
+        self.consumer.keep_alive(time.monotonic())
+
+    def _poller(self) -> zmq.Poller:
+        poller = zmq.Poller()
+        poller.register(self.hub, zmq.POLLIN)
+        if self.producer is not None:
+            poller.register(self.producer.socket, zmq.POLLIN)
+        if self._workers is not None:
+            poller.register(self._workers.wake, zmq.POLLIN)
+        if self._has_room():
+            for sock in self.consumer.links:
+                poller.register(sock, zmq.POLLIN)
+        return poller
+
+    def _has_room(self) -> bool:
+        return self._workers is None or self._workers.has_room()
+
+    def _take_from(self, sock: zmq.Socket[bytes]) -> None:
+        while self._has_room() and sock.poll(0):
+            frames = self.consumer.receive(sock)
+            if frames is None:
+                continue
+            if self.consumer.links[sock].untold >= max(1, self.plan.window // 2):
+                self.consumer.flush()
+            self._accept(frames)
+
+    def _accept(self, frames: list[zmq.Frame]) -> None:
+        envelope = Envelope.unpack(frames[0].buffer)
+        if self.is_dropped(envelope.job_id, envelope.attempt):
+            return
+        try:
+            data = codec.decode(frames[1:], allow_pickle=self.plan.allow_pickle)
+        except CodecError as exc:
+            self.fail(envelope, exc)
+            return
+        work = _Work(envelope, {CONTROL: data} if self.plan.first else {FORWARD: data})
+        if self._workers is not None:
+            self._workers.submit(work)
+        else:
+            self.execute(work, self.context)
+
+    # -- running one item --------------------------------------------------------------------
+
+    def execute(self, work: _Work, context: Context) -> None:
+        """Run the step function on one item and pass on all it writes."""
+        context.job_id, context.attempt = work.envelope.job_id, work.envelope.attempt
+        work.xor = work.envelope.item_id
+        try:
+            for output in _outputs(self.func(context, work.data)):
+                self.emit(work, self.check_output(output))
+        except _Dropped:
+            return
+        except Exception as exc:  # user code: the job fails, the step keeps serving.
+            logger.warning(
+                "Step %s failed job %s: %s: %s",
+                self.spec.name,
+                work.envelope.job_id,
+                type(exc).__name__,
+                exc,
+                exc_info=not isinstance(exc, ChannelError | CodecError),
+            )
+            self.fail(work.envelope, exc)
+            return
+        self.ack(work)
+
+    def ack(self, work: _Work) -> None:
+        """Report an item done, with the children it sent and where they went."""
+        self.records.append(
+            (protocol.ACK, work.envelope.job_id, work.envelope.attempt, work.xor, dict(work.sent))
+        )
+
+    def emit(self, work: _Work, output: Mapping[str, Any]) -> None:
+        """Pass on one output dict of the step function (runs on the socket thread)."""
+        envelope = work.envelope
+        if self.is_dropped(envelope.job_id, envelope.attempt):
+            raise _Dropped
+        for channel, value in output.items():
+            if channel == FORWARD:
+                self._forward(work, value)
+            else:
+                self.records.append(
+                    (protocol.OUT, envelope.job_id, envelope.attempt, channel,
+                     _to_json(self.spec.name, channel, value))
+                )
+                if len(self.records) >= RECORDS_BATCH:
+                    self.flush_records()
+
+    def check_output(self, output: object) -> Mapping[str, Any]:
+        """Refuse an output that is not a dict of declared channels, naming the step."""
+        if not isinstance(output, Mapping):
+            raise ChannelError(
+                f"step {self.spec.name!r} produced {type(output).__name__}; a step returns or "
+                "yields dicts of channel name to value"
+            )
+        for channel in output:
+            if channel == FORWARD:
+                if self.producer is None:
+                    raise ChannelError(
+                        f"step {self.spec.name!r} is the last step, so it cannot write "
+                        "'forward': nothing comes after it"
+                    )
+            elif channel not in self.spec.output_channels:
+                declared = ", ".join(self.spec.output_channels) or "none"
+                raise ChannelError(
+                    f"step {self.spec.name!r} wrote to channel {channel!r}, which it did not "
+                    f"declare in output_channels (declared: {declared})"
+                )
+        return output
+
+    def _forward(self, work: _Work, value: Any) -> None:
+        try:
+            frames = codec.encode(value, allow_pickle=self.plan.allow_pickle)
+        except CodecError as exc:
+            raise CodecError(f"step {self.spec.name!r} cannot forward: {exc}") from None
+        child = Envelope(work.envelope.job_id, work.envelope.attempt, new_item_id(),
+                         work.envelope.deadline)
+        if any(r[0] == protocol.OUT for r in self.records):
+            # Outputs reach the hub before the work they caused, so Status order is causal.
+            self.flush_records()
+        target = self._send_when_credited(child, frames)
+        work.sent[target] += 1
+        work.xor ^= child.item_id
+
+    def _send_when_credited(self, envelope: Envelope, frames: list[Any]) -> str:
+        assert self.producer is not None
+        packed = envelope.pack()
+        while True:
+            self.producer.handle()
+            target = self.producer.pick()
+            if target is not None and self.producer.send(target, [protocol.ITEM, packed, *frames]):
+                return target.decode()
+            if self.is_dropped(envelope.job_id, envelope.attempt):
+                raise _Dropped
+            self.consumer.flush()
+            self.flush_records()
+            poller = zmq.Poller()
+            poller.register(self.producer.socket, zmq.POLLIN)
+            poller.register(self.hub, zmq.POLLIN)
+            if self.hub in dict(poller.poll(POLL_MS)):
+                self._handle_hub()
+
+    def fail(self, envelope: Envelope, exc: BaseException) -> None:
+        self.records.append(
+            (protocol.FAIL, envelope.job_id, envelope.attempt, self.spec.name,
+             type(exc).__name__, str(exc) or repr(exc))
+        )
+
+    # -- the hub -----------------------------------------------------------------------------
+
+    def flush_records(self) -> None:
+        if self.records:
+            self.hub.send_multipart([protocol.RECORDS, protocol.pack(self.records)])
+            self.records = []
+
+    def _send_hub(self, kind: bytes, body: bytes = b"") -> None:
+        self.hub.send_multipart([kind, body])
+
+    def _handle_hub(self) -> None:
+        while self.hub.poll(0):
+            kind, body = self.hub.recv_multipart()
+            if kind == protocol.CANCEL:
+                for job_id, attempt in protocol.unpack(body):
+                    self._drop(job_id, attempt)
+            elif kind == protocol.BYE:
+                self.bye_acked = True
+            elif kind == protocol.COMMAND:
+                self._run_command(protocol.unpack(body))
+
+    def _drop(self, job_id: str, attempt: int) -> None:
+        self.dropped[job_id] = max(attempt, self.dropped.get(job_id, 0))
+        self.dropped.move_to_end(job_id)
+        while len(self.dropped) > DROPPED_MEMORY:
+            self.dropped.popitem(last=False)
+
+    def is_dropped(self, job_id: str, attempt: int) -> bool:
+        """Whether items of this attempt are to be dropped (safe from worker threads)."""
+        return self.dropped.get(job_id, 0) >= attempt
+
+    def _run_command(self, command: Any) -> None:
+        if not self.spec.takes_control or self.plan.first:
+            return
+        context = self.context.for_job(None, 0)
+        try:
+            for output in _outputs(self.func(context, {CONTROL: command})):
+                for channel, value in self.check_output(output).items():
+                    if channel != FORWARD:
+                        _to_json(self.spec.name, channel, value)
+        except Exception:
+            logger.exception("Step %s failed on command %r.", self.spec.name, command)
+
+    # -- drain -------------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Stop intake, finish what was sent here, hand everything on, then say goodbye."""
+        deadline = time.monotonic() + self.plan.drain_timeout_s
+        logger.info("Step %s replica %d is draining.", self.spec.name, self.plan.index)
+
+        self.consumer.stop()
+        while not self.consumer.all_stopped and time.monotonic() < deadline:
+            self._turn(timeout_ms=50)
+        if self._workers is not None:
+            self._workers.join(deadline)
+
+        while self.producer is not None and self.producer.untaken() and time.monotonic() < deadline:
+            self._turn(timeout_ms=50)
+
+        self.flush_records()
+        self._send_hub(protocol.BYE)
+        while not self.bye_acked and time.monotonic() < deadline:
+            if self.hub.poll(50):
+                self._handle_hub()
+        logger.info("Step %s replica %d drained.", self.spec.name, self.plan.index)
+
+
+class _WorkerPool:
+    """Threads that run the step function for `concurrency > 1`.
+
+    Workers put what a step writes into a bounded queue, in order, and wake the socket thread;
+    a full queue blocks them, which is how the next step's backpressure reaches them.
+    """
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        count = replica.spec.concurrency
+        self.inbox: queue.Queue[_Work | None] = queue.Queue()
+        self.outbox: queue.Queue[tuple[str, _Work, Any]] = queue.Queue(maxsize=4 * count)
+        self.busy = 0
+        self.failed: set[int] = set()  # ids of items whose outputs failed to pass on
+        address = f"inproc://wake-{replica.plan.replica_id}"
+        self.wake: zmq.Socket[bytes] = replica.zmq.socket(zmq.PULL)
+        self.wake.bind(address)
+        self._local = threading.local()
+        self._address = address
+        self.threads = [
+            threading.Thread(target=self._work, name=f"worker-{i}", daemon=True)
+            for i in range(count)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def has_room(self) -> bool:
+        return self.busy < len(self.threads)
+
+    def submit(self, work: _Work) -> None:
+        self.busy += 1
+        self.inbox.put(work)
+
+    def deliver(self) -> None:
+        """Pass on, in order, everything the workers wrote (runs on the socket thread)."""
+        while self.wake.poll(0):
+            self.wake.recv()
+        while True:
+            try:
+                kind, work, value = self.outbox.get_nowait()
+            except queue.Empty:
+                return
+            self._deliver_one(kind, work, value)
+
+    def _deliver_one(self, kind: str, work: _Work, value: Any) -> None:
+        replica = self.replica
+        envelope = work.envelope
+        if kind == "done":
+            self.busy -= 1
+            failed = id(work) in self.failed or value
+            self.failed.discard(id(work))
+            if value:
+                replica.records.extend(value)
+            elif not failed and not replica.is_dropped(envelope.job_id, envelope.attempt):
+                replica.ack(work)
+            return
+        if id(work) in self.failed:
+            return
+        try:
+            replica.emit(work, value)
+        except _Dropped:
+            pass
+        except Exception as exc:
+            replica.fail(envelope, exc)
+            self.failed.add(id(work))
+
+    def _work(self) -> None:
+        sock = self.replica.zmq.socket(zmq.PUSH)
+        sock.connect(self._address)
+        self._local.sock = sock
+        try:
+            while (work := self.inbox.get()) is not None:
+                self._run(work)
+        finally:
+            sock.close(linger=0)
+
+    def _run(self, work: _Work) -> None:
+        replica = self.replica
+        envelope = work.envelope
+        context = replica.context.for_job(envelope.job_id, envelope.attempt)
+        work.xor = envelope.item_id  # the socket thread adds children as it sends them
+        records: list[tuple[Any, ...]] = []
+        try:
+            for output in _outputs(replica.func(context, work.data)):
+                self._put("emit", work, replica.check_output(output))
+                if replica.is_dropped(envelope.job_id, envelope.attempt):
+                    break
+        except Exception as exc:
+            logger.warning("Step %s failed job %s.", replica.spec.name, envelope.job_id,
+                           exc_info=True)
+            records.append((protocol.FAIL, envelope.job_id, envelope.attempt, replica.spec.name,
+                            type(exc).__name__, str(exc) or repr(exc)))
+        self._put("done", work, records)
+
+    def _put(self, kind: str, work: _Work, value: Any) -> None:
+        self.outbox.put((kind, work, value))
+        self._local.sock.send(b"", zmq.NOBLOCK)
+
+    def join(self, deadline: float) -> None:
+        while self.busy and time.monotonic() < deadline:
+            self.replica._turn(timeout_ms=50)
+
+    def stop(self) -> None:
+        for _ in self.threads:
+            self.inbox.put(None)
+        self.wake.close(linger=0)
+
+
+class _Heartbeat:
+    """Tells the hub this process lives, even while the step function holds the main thread."""
+
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], plan: ReplicaPlan) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._beat, args=(context, plan), name="heartbeat", daemon=True
+        )
+        self._thread.start()
+
+    def _beat(self, context: zmq.Context[zmq.Socket[bytes]], plan: ReplicaPlan) -> None:
+        sock = context.socket(zmq.DEALER)
+        configure(sock)
+        sock.connect(plan.hub)
+        try:
+            while not self._stop.wait(plan.heartbeat_s):
+                sock.send_multipart([protocol.BEAT, plan.replica_id.encode()], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        finally:
+            sock.close(linger=0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _outputs(result: object) -> Iterator[Any]:
+    if result is None:
+        return iter(())
+    if isinstance(result, Mapping):
+        return iter((result,))
+    if isinstance(result, Iterator):
+        return result
+    return iter(result)  # type: ignore[call-overload,no-any-return]
+
+
+def _to_json(step: str, channel: str, value: Any) -> str:
+    try:
+        return json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ChannelError(
+            f"step {step!r} wrote a value to {channel!r} that is not JSON-serialisable: {exc}"
+        ) from None
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def run_replica(plan: ReplicaPlan) -> None:
+    """The entry point of a replica process."""
+    from blueengine.log import configure_logging, settings_from_env
+
+    level, json_lines = settings_from_env()
+    configure_logging(f"{plan.engine} {plan.spec.name}[{plan.index}]", level, json_lines)
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(plan.title)
+    except ImportError:  # pragma: no cover - a dependency, but the title is only cosmetic.
+        pass
+    replica = Replica(plan)
+    # SIGINT goes to the whole process group on Ctrl-C; the supervisor decides the order of
+    # shutdown, so replicas react to SIGTERM only.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, replica.request_stop)
+    replica.run()
