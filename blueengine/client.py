@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
 import queue
 import shutil
@@ -127,8 +127,9 @@ class LocalEngine:
     def serve_forever(self) -> None:
         """Block until SIGINT or SIGTERM; the caller's `with` block then drains and stops."""
         stop = threading.Event()
-        previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT,
-                                                                         signal.SIGTERM)}
+        previous = {
+            s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)
+        }
         try:
             stop.wait()
         finally:
@@ -144,7 +145,8 @@ class LocalEngine:
     def get(self, job_id: str) -> Job:
         """A snapshot of the job."""
         with self.hub.lock:
-            return copy.deepcopy(self.hub.get(job_id))
+            job = self.hub.get(job_id)
+            return dataclasses.replace(job, results=list(job.results), statuses=list(job.statuses))
 
     def wait(self, job_id: str, timeout_s: float | None = None) -> Job:
         """Wait for the job to end (or the timeout) and return a snapshot of it."""

@@ -15,8 +15,16 @@ class Context:
     finished elsewhere while this item was running; long loops should check it.
     """
 
-    __slots__ = ("_is_cancelled", "attempt", "config", "job_id", "logger", "replica", "resources",
-                 "step")
+    __slots__ = (
+        "_is_cancelled",
+        "attempt",
+        "config",
+        "job_id",
+        "logger",
+        "replica",
+        "resources",
+        "step",
+    )
 
     def __init__(
         self,

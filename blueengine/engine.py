@@ -54,7 +54,7 @@ class StepSpec:
         if isinstance(func, str):
             func = import_string(func)
             _check_signature(self.name, func, "process_func", 2)
-        return func  # type: ignore[return-value]
+        return func
 
     def load_setup(self) -> SetupFunc | None:
         """The setup hook, imported now if it was given as a string."""
@@ -62,7 +62,7 @@ class StepSpec:
         if isinstance(hook, str):
             hook = import_string(hook)
             _check_signature(self.name, hook, "setup", 1)
-        return hook  # type: ignore[return-value]
+        return hook
 
     @property
     def takes_control(self) -> bool:

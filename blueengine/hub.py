@@ -7,7 +7,9 @@ which take the lock and wake the thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -69,9 +71,9 @@ class Hub:
         self.events = self._zmq.socket(zmq.ROUTER)
         configure(self.events)
         self.events_endpoint = bind(self.events, events_endpoint)
-        self._wake_address = f"inproc://hub-wake-{id(self)}"
-        self._wake = self._zmq.socket(zmq.PULL)
-        self._wake.bind(self._wake_address)
+        # A pipe, not a socket, wakes the hub: any thread may write to it without owning it.
+        self._wake, self._waker = os.pipe()
+        os.set_blocking(self._waker, False)
         self._payloads: dict[str, list[Any]] = {}
         self._drops: list[tuple[str, int]] = []
         self._recent_drops: OrderedDict[str, int] = OrderedDict()
@@ -79,7 +81,6 @@ class Hub:
         self._commands: list[Any] = []
         self._running = False
         self._thread: threading.Thread | None = None
-        self._local = threading.local()
 
     @property
     def jobs_endpoint(self) -> str:
@@ -99,7 +100,8 @@ class Hub:
             self._thread.join()
         self.producer.close()
         self.events.close(linger=0)
-        self._wake.close(linger=0)
+        os.close(self._wake)
+        os.close(self._waker)
         self._zmq.term()
 
     # -- the API for other threads -----------------------------------------------------------
@@ -158,8 +160,9 @@ class Hub:
             step = info.step if info else "?"
             retried = self.table.replica_died(replica_id, step)
         if retried:
-            logger.warning("Replica %s of step %s died; retrying %d jobs.", replica_id, step,
-                           len(retried))
+            logger.warning(
+                "Replica %s of step %s died; retrying %d jobs.", replica_id, step, len(retried)
+            )
         self._poke()
 
     def close_intake(self) -> None:
@@ -186,14 +189,9 @@ class Hub:
             return self.table.in_flight + len(self.table.queue)
 
     def _poke(self) -> None:
-        sock = getattr(self._local, "sock", None)
-        if sock is None:
-            sock = self._local.sock = self._zmq.socket(zmq.PUSH)
-            sock.connect(self._wake_address)
-        try:
-            sock.send(b"", zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass  # the wake queue is full: the hub is awake anyway.
+        # A full pipe means the hub is awake anyway.
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._waker, b"x")
 
     # -- the hub thread ----------------------------------------------------------------------
 
@@ -206,8 +204,7 @@ class Hub:
             ready = dict(poller.poll(POLL_MS))
             with self.lock:
                 if self._wake in ready:
-                    while self._wake.poll(0):
-                        self._wake.recv()
+                    os.read(self._wake, 4096)
                 if self.events in ready:
                     self._handle_events()
                 self.producer.handle()
@@ -220,9 +217,8 @@ class Hub:
     def _handle_events(self) -> None:
         while self.events.poll(0):
             identity, kind, body = self.events.recv_multipart()
-            replica_id = identity.decode()
-            if kind == protocol.BEAT:
-                replica_id = body.decode()
+            # Heartbeats come from a socket of their own and name their replica in the body.
+            replica_id = (body if kind == protocol.BEAT else identity).decode(errors="replace")
             info = self.replicas.get(replica_id)
             if info is not None:
                 info.last_seen = time.monotonic()
@@ -231,25 +227,31 @@ class Hub:
             elif kind == protocol.HELLO:
                 self._on_hello(identity, protocol.unpack(body))
             elif kind == protocol.BYE:
-                self.replicas.pop(replica_id, None)
-                self.events.send_multipart([identity, protocol.BYE, b""])
+                self._on_bye(identity, replica_id)
 
     def _on_hello(self, identity: bytes, info: dict[str, Any]) -> None:
         replica_id = identity.decode()
-        self.replicas[replica_id] = ReplicaInfo(replica_id, info["step"], info["index"],
-                                                info["pid"])
-        logger.info("Step %s replica %d (pid %d) joined.", info["step"], info["index"],
-                    info["pid"])
+        self.replicas[replica_id] = ReplicaInfo(
+            replica_id, info["step"], info["index"], info["pid"]
+        )
+        logger.info("Step %s replica %d (pid %d) joined.", info["step"], info["index"], info["pid"])
         if self._recent_drops:
             body = protocol.pack(list(self._recent_drops.items()))
             self.events.send_multipart([identity, protocol.CANCEL, body])
+
+    def _on_bye(self, identity: bytes, replica_id: str) -> None:
+        # Its records all came before BYE, so whatever it still holds it will never finish.
+        info = self.replicas.pop(replica_id, None)
+        self.table.replica_died(replica_id, info.step if info else "?")
+        self.events.send_multipart([identity, protocol.BYE, b""])
 
     def _check_health(self) -> None:
         now = time.monotonic()
         for replica_id, info in list(self.replicas.items()):
             if now - info.last_seen > self.heartbeat_timeout_s:
-                logger.warning("Step %s replica %d is silent; taking it for dead.", info.step,
-                               info.index)
+                logger.warning(
+                    "Step %s replica %d is silent; taking it for dead.", info.step, info.index
+                )
                 self.replicas.pop(replica_id)
                 self.table.replica_died(replica_id, info.step)
         self.table.expire(time.time())

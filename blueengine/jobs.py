@@ -28,7 +28,7 @@ from blueengine.types import JobStatus
 
 @dataclass
 class Job:
-    """A job as clients see it; `results` and `statuses` belong to the attempt that counts."""
+    """A job as clients see it; `results` and `statuses` are those of its current attempt."""
 
     job_id: str
     payload: Any
@@ -107,7 +107,10 @@ class JobTable:
             job.attempts += 1
             root = new_item_id()
             deadline = time.time() + self.job_timeout_s if self.job_timeout_s else None
-            self._attempts[job.job_id] = _Attempt(job.attempts, root, deadline=deadline)
+            attempt = _Attempt(job.attempts, root, deadline=deadline)
+            self._attempts[job.job_id] = attempt
+            # Clients see the current attempt's messages as they arrive; a retry starts afresh.
+            job.results, job.statuses = attempt.results, attempt.statuses
             job.status = JobStatus.RUNNING
             return Envelope(job.job_id, job.attempts, root, deadline)
         return None
@@ -188,8 +191,9 @@ class JobTable:
         job = self.jobs.get(job_id)
         if job is None or job.status.final:
             return False
-        self._finish(job_id, JobStatus.CANCELLED, {"step": None, "type": "Cancelled",
-                                                    "message": reason})
+        self._finish(
+            job_id, JobStatus.CANCELLED, {"step": None, "type": "Cancelled", "message": reason}
+        )
         return True
 
     def expire(self, now: float) -> None:
@@ -205,7 +209,7 @@ class JobTable:
             self._finish(job_id, JobStatus.FAILED, _error(None, "AttemptsExhausted", message))
             return
         attempt = self._attempts.pop(job_id)
-        job.status = JobStatus.QUEUED
+        job.status, job.results, job.statuses = JobStatus.QUEUED, [], []
         self.queue.insert(0, job_id)
         self._notify(job, "drop", attempt.number)
         self._notify(job, "retry", reason)
@@ -220,9 +224,7 @@ class JobTable:
     ) -> None:
         """End a job. Unless `settled` (every item accounted for), items may still be in flight."""
         job = self.jobs[job_id]
-        attempt = self._attempts.pop(job_id, None)
-        if attempt is not None:
-            job.results, job.statuses = attempt.results, attempt.statuses
+        self._attempts.pop(job_id, None)
         job.status, job.error, job.finished_at = status, error, time.time()
         if not settled and job.attempts:
             self._notify(job, "drop", job.attempts)

@@ -7,6 +7,7 @@ A consumer grants credit; the producer sends an item only against credit:
                            [TAKE, n]         n more items left the socket for the consumer's app
                            [STOP]            send nothing more; answer STOPPED after the last item
     producer -> consumer   [ITEM, envelope, payload frames...]
+                           [WELCOME]         answers HELLO: the producer is alive
                            [STOPPED]
 
 Every replica also keeps one DEALER to the hub, which binds a ROUTER:
@@ -27,6 +28,7 @@ HELLO = b"H"
 TAKE = b"T"
 STOP = b"S"
 STOPPED = b"X"
+WELCOME = b"W"
 ITEM = b"I"
 RECORDS = b"R"
 BEAT = b"B"
@@ -50,7 +52,7 @@ class Envelope:
     deadline: float | None = None
 
     def pack(self) -> bytes:
-        return msgpack.packb((self.job_id, self.attempt, self.item_id, self.deadline))  # type: ignore[no-any-return]
+        return msgpack.packb((self.job_id, self.attempt, self.item_id, self.deadline))
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> Envelope:
@@ -60,7 +62,7 @@ class Envelope:
 
 def pack(value: Any) -> bytes:
     """msgpack for the protocol's own small messages."""
-    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+    return msgpack.packb(value, use_bin_type=True)
 
 
 def unpack(data: bytes | memoryview) -> Any:

@@ -11,21 +11,21 @@ whole item is through.
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import queue
 import signal
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
 import zmq
 
-from blueengine import codec, protocol
+from blueengine import codec, outputs, protocol
 from blueengine.context import Context
 from blueengine.engine import StepSpec
 from blueengine.errors import ChannelError, CodecError
@@ -37,6 +37,7 @@ from blueengine.types import CONTROL, FORWARD, StepFunc
 logger = logging.getLogger(__name__)
 
 RECORDS_BATCH = 64
+RECORDS_DELAY_S = 0.002
 POLL_MS = 100
 DROPPED_MEMORY = 100_000  # cancelled jobs remembered per replica
 
@@ -102,11 +103,13 @@ class Replica:
             replica=plan.index,
             config=self.spec.config,
             logger=logging.getLogger(f"blueengine.step.{self.spec.name}"),
-            is_cancelled=self.is_dropped,
+            is_cancelled=self._cancelled,
         )
         self.terminating = False
         self.bye_acked = False
         self._workers: _WorkerPool | None = None
+        self._socket_thread = threading.get_ident()
+        self._records_due = 0.0
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -140,7 +143,7 @@ class Replica:
         self.zmq.term()
 
     def _hello_info(self) -> dict[str, Any]:
-        return {"step": self.spec.name, "index": self.plan.index, "pid": _pid()}
+        return {"step": self.spec.name, "index": self.plan.index, "pid": os.getpid()}
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -188,6 +191,7 @@ class Replica:
             if self.consumer.links[sock].untold >= max(1, self.plan.window // 2):
                 self.consumer.flush()
             self._accept(frames)
+            self._flush_if_due()
 
     def _accept(self, frames: list[zmq.Frame]) -> None:
         envelope = Envelope.unpack(frames[0].buffer)
@@ -211,7 +215,7 @@ class Replica:
         context.job_id, context.attempt = work.envelope.job_id, work.envelope.attempt
         work.xor = work.envelope.item_id
         try:
-            for output in _outputs(self.func(context, work.data)):
+            for output in outputs.iterate(self.func(context, work.data)):
                 self.emit(work, self.check_output(output))
         except _Dropped:
             return
@@ -237,6 +241,8 @@ class Replica:
     def emit(self, work: _Work, output: Mapping[str, Any]) -> None:
         """Pass on one output dict of the step function (runs on the socket thread)."""
         envelope = work.envelope
+        if self.hub.poll(0):
+            self._handle_hub()  # a cancel may have arrived while the step function ran
         if self.is_dropped(envelope.job_id, envelope.attempt):
             raise _Dropped
         for channel, value in output.items():
@@ -244,41 +250,27 @@ class Replica:
                 self._forward(work, value)
             else:
                 self.records.append(
-                    (protocol.OUT, envelope.job_id, envelope.attempt, channel,
-                     _to_json(self.spec.name, channel, value))
+                    (
+                        protocol.OUT,
+                        envelope.job_id,
+                        envelope.attempt,
+                        channel,
+                        outputs.to_json(self.spec.name, channel, value),
+                    )
                 )
-                if len(self.records) >= RECORDS_BATCH:
-                    self.flush_records()
+                self._flush_if_due()
 
     def check_output(self, output: object) -> Mapping[str, Any]:
-        """Refuse an output that is not a dict of declared channels, naming the step."""
-        if not isinstance(output, Mapping):
-            raise ChannelError(
-                f"step {self.spec.name!r} produced {type(output).__name__}; a step returns or "
-                "yields dicts of channel name to value"
-            )
-        for channel in output:
-            if channel == FORWARD:
-                if self.producer is None:
-                    raise ChannelError(
-                        f"step {self.spec.name!r} is the last step, so it cannot write "
-                        "'forward': nothing comes after it"
-                    )
-            elif channel not in self.spec.output_channels:
-                declared = ", ".join(self.spec.output_channels) or "none"
-                raise ChannelError(
-                    f"step {self.spec.name!r} wrote to channel {channel!r}, which it did not "
-                    f"declare in output_channels (declared: {declared})"
-                )
-        return output
+        return outputs.check(self.spec, output, last=self.producer is None)
 
     def _forward(self, work: _Work, value: Any) -> None:
         try:
             frames = codec.encode(value, allow_pickle=self.plan.allow_pickle)
         except CodecError as exc:
             raise CodecError(f"step {self.spec.name!r} cannot forward: {exc}") from None
-        child = Envelope(work.envelope.job_id, work.envelope.attempt, new_item_id(),
-                         work.envelope.deadline)
+        child = Envelope(
+            work.envelope.job_id, work.envelope.attempt, new_item_id(), work.envelope.deadline
+        )
         if any(r[0] == protocol.OUT for r in self.records):
             # Outputs reach the hub before the work they caused, so Status order is causal.
             self.flush_records()
@@ -306,8 +298,14 @@ class Replica:
 
     def fail(self, envelope: Envelope, exc: BaseException) -> None:
         self.records.append(
-            (protocol.FAIL, envelope.job_id, envelope.attempt, self.spec.name,
-             type(exc).__name__, str(exc) or repr(exc))
+            (
+                protocol.FAIL,
+                envelope.job_id,
+                envelope.attempt,
+                self.spec.name,
+                type(exc).__name__,
+                str(exc) or repr(exc),
+            )
         )
 
     # -- the hub -----------------------------------------------------------------------------
@@ -316,6 +314,13 @@ class Replica:
         if self.records:
             self.hub.send_multipart([protocol.RECORDS, protocol.pack(self.records)])
             self.records = []
+        self._records_due = time.monotonic() + RECORDS_DELAY_S
+
+    def _flush_if_due(self) -> None:
+        # Records wait a little to travel in batches, but never long: the hub completes jobs
+        # from them, so their delay is the jobs' latency.
+        if len(self.records) >= RECORDS_BATCH or time.monotonic() >= self._records_due:
+            self.flush_records()
 
     def _send_hub(self, kind: bytes, body: bytes = b"") -> None:
         self.hub.send_multipart([kind, body])
@@ -337,6 +342,12 @@ class Replica:
         while len(self.dropped) > DROPPED_MEMORY:
             self.dropped.popitem(last=False)
 
+    def _cancelled(self, job_id: str, attempt: int) -> bool:
+        # Only the socket thread may read the hub socket; workers see what it has read.
+        if threading.get_ident() == self._socket_thread and self.hub.poll(0):
+            self._handle_hub()
+        return self.is_dropped(job_id, attempt)
+
     def is_dropped(self, job_id: str, attempt: int) -> bool:
         """Whether items of this attempt are to be dropped (safe from worker threads)."""
         return self.dropped.get(job_id, 0) >= attempt
@@ -346,10 +357,10 @@ class Replica:
             return
         context = self.context.for_job(None, 0)
         try:
-            for output in _outputs(self.func(context, {CONTROL: command})):
+            for output in outputs.iterate(self.func(context, {CONTROL: command})):
                 for channel, value in self.check_output(output).items():
                     if channel != FORWARD:
-                        _to_json(self.spec.name, channel, value)
+                        outputs.to_json(self.spec.name, channel, value)
         except Exception:
             logger.exception("Step %s failed on command %r.", self.spec.name, command)
 
@@ -460,15 +471,24 @@ class _WorkerPool:
         work.xor = envelope.item_id  # the socket thread adds children as it sends them
         records: list[tuple[Any, ...]] = []
         try:
-            for output in _outputs(replica.func(context, work.data)):
+            for output in outputs.iterate(replica.func(context, work.data)):
                 self._put("emit", work, replica.check_output(output))
                 if replica.is_dropped(envelope.job_id, envelope.attempt):
                     break
         except Exception as exc:
-            logger.warning("Step %s failed job %s.", replica.spec.name, envelope.job_id,
-                           exc_info=True)
-            records.append((protocol.FAIL, envelope.job_id, envelope.attempt, replica.spec.name,
-                            type(exc).__name__, str(exc) or repr(exc)))
+            logger.warning(
+                "Step %s failed job %s.", replica.spec.name, envelope.job_id, exc_info=True
+            )
+            records.append(
+                (
+                    protocol.FAIL,
+                    envelope.job_id,
+                    envelope.attempt,
+                    replica.spec.name,
+                    type(exc).__name__,
+                    str(exc) or repr(exc),
+                )
+            )
         self._put("done", work, records)
 
     def _put(self, kind: str, work: _Work, value: Any) -> None:
@@ -510,31 +530,6 @@ class _Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def _outputs(result: object) -> Iterator[Any]:
-    if result is None:
-        return iter(())
-    if isinstance(result, Mapping):
-        return iter((result,))
-    if isinstance(result, Iterator):
-        return result
-    return iter(result)  # type: ignore[call-overload,no-any-return]
-
-
-def _to_json(step: str, channel: str, value: Any) -> str:
-    try:
-        return json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ChannelError(
-            f"step {step!r} wrote a value to {channel!r} that is not JSON-serialisable: {exc}"
-        ) from None
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()
 
 
 def run_replica(plan: ReplicaPlan) -> None:

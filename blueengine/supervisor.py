@@ -43,7 +43,7 @@ class _Slot:
     started_at: float = 0.0
     backoff_s: float = BACKOFF_FIRST_S
     restart_at: float | None = None
-    restarts: int = 0
+    exit_codes: list[int | None] = field(default_factory=list)
     stopping: bool = False
 
 
@@ -135,6 +135,11 @@ class Supervisor:
                 if s.plan.spec.name == step and s.process and s.process.pid and s.process.is_alive()
             ]
 
+    def exit_codes(self, step: str) -> list[int | None]:
+        """Exit codes of a step's replica processes that ended, oldest first per replica."""
+        with self._lock:
+            return [code for s in self.slots if s.plan.spec.name == step for code in s.exit_codes]
+
     # -- watching ----------------------------------------------------------------------------
 
     def _spawn(self, slot: _Slot) -> None:
@@ -152,7 +157,6 @@ class Supervisor:
             now = time.monotonic()
             for slot in self.slots:
                 if slot.restart_at is not None and now >= slot.restart_at and self._running:
-                    slot.restarts += 1
                     self._spawn(slot)
 
     def _on_exit(self, slot: _Slot) -> None:
@@ -161,6 +165,7 @@ class Supervisor:
         process.join()
         with self._lock:
             slot.process = None
+            slot.exit_codes.append(process.exitcode)
         self.hub.replica_died(slot.plan.replica_id)
         if slot.stopping or not self._running:
             return
@@ -169,7 +174,11 @@ class Supervisor:
             slot.backoff_s = BACKOFF_FIRST_S
         logger.warning(
             "%s (pid %s) exited with code %s after %.1f s; restarting in %.1f s.",
-            slot.plan.title, process.pid, process.exitcode, uptime, slot.backoff_s,
+            slot.plan.title,
+            process.pid,
+            process.exitcode,
+            uptime,
+            slot.backoff_s,
         )
         slot.restart_at = time.monotonic() + slot.backoff_s
         slot.backoff_s = min(slot.backoff_s * 2, BACKOFF_MAX_S)

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 HELLO_INTERVAL_S = 0.25
 RESOLVE_INTERVAL_S = 2.0
 LEAVE_QUIET_S = 10.0
+DRAIN_SILENCE_S = 1.0
 # Below this size copying a frame is cheaper than tracking a zero-copy send.
 ZERO_COPY_MIN_BYTES = 64 * 1024
 
@@ -53,7 +54,8 @@ def bind(sock: zmq.Socket[bytes], endpoint: str) -> str:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
         raise TransportError(f"cannot bind {endpoint}: {exc}") from exc
-    bound: bytes = sock.getsockopt(zmq.LAST_ENDPOINT)
+    bound = sock.getsockopt(zmq.LAST_ENDPOINT)
+    assert isinstance(bound, bytes)
     return bound.decode()
 
 
@@ -69,7 +71,7 @@ def resolve(endpoint: str) -> list[str]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror:
         return []  # not resolvable yet: a Service with no ready pods has no addresses.
-    addresses = sorted({info[4][0] for info in infos})
+    addresses = sorted({str(info[4][0]) for info in infos})
     return [f"tcp://[{a}]:{port}" if ":" in a else f"tcp://{a}:{port}" for a in addresses]
 
 
@@ -116,15 +118,16 @@ class Producer:
         if kind == protocol.HELLO:
             consumer.window = protocol.unpack(args[0])
             consumer.stopped = False
+            self._answer(identity, protocol.WELCOME)
         elif kind == protocol.TAKE:
             consumer.taken += protocol.unpack(args[0])
         elif kind == protocol.STOP:
             consumer.stopped = True
-            self._send_stopped(identity)
+            self._answer(identity, protocol.STOPPED)
 
-    def _send_stopped(self, identity: bytes) -> None:
+    def _answer(self, identity: bytes, kind: bytes) -> None:
         try:
-            self.socket.send_multipart([identity, protocol.STOPPED])
+            self.socket.send_multipart([identity, kind])
         except zmq.ZMQError:
             self.consumers.pop(identity, None)
 
@@ -224,6 +227,8 @@ class Consumer:
         if kind == protocol.STOPPED:
             link.stopped = True
             return None
+        if kind == protocol.WELCOME:
+            return None
         if kind != protocol.ITEM:
             logger.warning("Unknown message kind %r from %s; dropped.", kind, link.address)
             return None
@@ -259,7 +264,15 @@ class Consumer:
 
     @property
     def all_stopped(self) -> bool:
-        return all(link.stopped for link in self.links.values())
+        """Every producer confirmed it sent its last item here, or has gone silent.
+
+        A silent producer is gone (or stuck); waiting for it would hold the drain to its
+        deadline, and whatever it had sent is retried by the hub from its ledger.
+        """
+        now = time.monotonic()
+        return all(
+            link.stopped or now - link.last_heard > DRAIN_SILENCE_S for link in self.links.values()
+        )
 
     def close(self) -> None:
         for sock in self.links:

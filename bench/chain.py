@@ -1,0 +1,31 @@
+"""The interface every benchmarked chain offers, whatever moves its items."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+JOB_TIMEOUT_S = 120.0
+"""No benchmark run takes near this long; a chain that does is broken, not slow."""
+
+
+class Chain(Protocol):
+    """A source, `hops` forwarding processes and a sink, driven from this process.
+
+    A job ``(kind, n)`` makes the source emit n items of that payload kind; the job is done
+    when the sink has received its last item (and, for BlueEngine, every item is accounted
+    for). Items of one job and of successive jobs flow through the chain concurrently.
+    """
+
+    name: str
+
+    def run_jobs(self, kind: str, jobs: int, items_per_job: int) -> float:
+        """Submit `jobs` jobs at once; return the seconds until the last one is done."""
+        ...
+
+    def one_item(self, kind: str) -> tuple[int, int]:
+        """Run a job of one item alone: (in-chain ns, submit-to-done ns)."""
+        ...
+
+    def close(self) -> None:
+        """Stop every process of the chain."""
+        ...

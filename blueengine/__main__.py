@@ -1,0 +1,5 @@
+import sys
+
+from blueengine.cli import main
+
+sys.exit(main())
