@@ -17,6 +17,7 @@ from blueengine.engine import BlueEngine
 from blueengine.errors import BlueEngineError, EngineFull
 from blueengine.hub import Hub
 from blueengine.jobs import Job
+from blueengine.store import JobStore
 from blueengine.supervisor import Supervisor
 from blueengine.transport import private_ipc_dir
 
@@ -42,17 +43,20 @@ class LocalEngine:
         drain_timeout_s: float = 30.0,
         max_jobs: int = 10_000,
         heartbeat_timeout_s: float = 5.0,
+        store: JobStore | None = None,
+        ipc_dir: str | None = None,
     ) -> None:
         engine.validate()
         self.engine = engine
         self.ready_timeout_s = ready_timeout_s
         self.drain_timeout_s = drain_timeout_s
-        self.ipc_dir = private_ipc_dir(f"blueengine-{engine.name}-")
+        self.ipc_dir = ipc_dir or private_ipc_dir(f"blueengine-{engine.name}-")
         self.hub = Hub(
             engine,
             f"ipc://{self.ipc_dir}/jobs",
             f"ipc://{self.ipc_dir}/events",
             max_jobs=max_jobs,
+            store=store,
             heartbeat_timeout_s=heartbeat_timeout_s,
         )
         self.supervisor = Supervisor(engine, self.hub, self.ipc_dir, drain_timeout_s)

@@ -23,6 +23,8 @@ from blueengine import codec, protocol
 from blueengine.engine import BlueEngine
 from blueengine.errors import EngineFull, EngineStopped, JobNotFound
 from blueengine.jobs import Job, JobTable, new_job_id
+from blueengine.stats import combine
+from blueengine.store import JobStore, MemoryStore
 from blueengine.transport import Producer, bind, configure
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ class ReplicaInfo:
     index: int
     pid: int
     last_seen: float = field(default_factory=time.monotonic)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 class Hub:
@@ -52,12 +55,12 @@ class Hub:
         events_endpoint: str,
         *,
         max_jobs: int = 10_000,
-        keep_finished: int = 10_000,
+        store: JobStore | None = None,
         heartbeat_timeout_s: float = 5.0,
     ) -> None:
         self.engine = engine
         self.max_jobs = max_jobs
-        self.keep_finished = keep_finished
+        self.store: JobStore = store if store is not None else MemoryStore()
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.table = JobTable(engine.max_attempts, engine.job_timeout_s)
         self.table.listeners.append(self._on_job_event)
@@ -77,8 +80,8 @@ class Hub:
         self._payloads: dict[str, list[Any]] = {}
         self._drops: list[tuple[str, int]] = []
         self._recent_drops: OrderedDict[str, int] = OrderedDict()
-        self._finished: OrderedDict[str, None] = OrderedDict()
         self._commands: list[Any] = []
+        self._retired_stats: dict[str, list[dict[str, Any]]] = {}
         self._running = False
         self._thread: threading.Thread | None = None
 
@@ -89,6 +92,16 @@ class Hub:
     # -- life cycle --------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Queue the jobs the store holds unfinished, then start serving."""
+        resumed = self.store.unfinished()
+        with self.lock:
+            for job in resumed:
+                self._payloads[job.job_id] = codec.encode(
+                    job.payload, allow_pickle=self.engine.allow_pickle
+                )
+                self.table.add(job)
+        if resumed:
+            logger.info("Resubmitted %d unfinished jobs from the store.", len(resumed))
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="blueengine-hub", daemon=True)
         self._thread.start()
@@ -115,7 +128,9 @@ class Hub:
             waiting = len(self.table.queue) + self.table.in_flight
             if waiting >= self.max_jobs:
                 raise EngineFull(f"the engine already holds {waiting} unfinished jobs")
-            job = Job(job_id or new_job_id(), payload)
+        job = Job(job_id or new_job_id(), payload)
+        self.store.add(job)  # durable before anybody hears of the job; outside the lock
+        with self.lock:
             self._payloads[job.job_id] = frames
             self.table.add(job)
         self._poke()
@@ -123,7 +138,7 @@ class Hub:
 
     def get(self, job_id: str) -> Job:
         with self.lock:
-            job = self.table.jobs.get(job_id)
+            job = self.table.jobs.get(job_id) or self.store.get(job_id)
             if job is None:
                 raise JobNotFound(f"no job {job_id!r}")
             return job
@@ -156,7 +171,7 @@ class Hub:
     def replica_died(self, replica_id: str) -> None:
         """Called by a supervisor that saw the process exit: faster than a missed heartbeat."""
         with self.lock:
-            info = self.replicas.pop(replica_id, None)
+            info = self._retire(replica_id)
             step = info.step if info else "?"
             retried = self.table.replica_died(replica_id, step)
         if retried:
@@ -217,11 +232,14 @@ class Hub:
     def _handle_events(self) -> None:
         while self.events.poll(0):
             identity, kind, body = self.events.recv_multipart()
+            beat = protocol.unpack(body) if kind == protocol.BEAT else None
             # Heartbeats come from a socket of their own and name their replica in the body.
-            replica_id = (body if kind == protocol.BEAT else identity).decode(errors="replace")
+            replica_id = beat["id"] if beat else identity.decode(errors="replace")
             info = self.replicas.get(replica_id)
             if info is not None:
                 info.last_seen = time.monotonic()
+                if beat:
+                    info.stats = beat["stats"]
             if kind == protocol.RECORDS and info is not None:
                 self.table.on_records(replica_id, info.step, protocol.unpack(body))
             elif kind == protocol.HELLO:
@@ -241,9 +259,28 @@ class Hub:
 
     def _on_bye(self, identity: bytes, replica_id: str) -> None:
         # Its records all came before BYE, so whatever it still holds it will never finish.
-        info = self.replicas.pop(replica_id, None)
+        info = self._retire(replica_id)
         self.table.replica_died(replica_id, info.step if info else "?")
         self.events.send_multipart([identity, protocol.BYE, b""])
+
+    def _retire(self, replica_id: str) -> ReplicaInfo | None:
+        # A step's counters must not go down when one of its replicas goes: keep its last stats.
+        info = self.replicas.pop(replica_id, None)
+        if info is not None and info.stats:
+            retired = self._retired_stats.setdefault(info.step, [])
+            retired[:] = [combine([*retired, {**info.stats, "in_flight": 0, "credits": 0}])]
+        return info
+
+    def step_stats(self) -> dict[str, dict[str, Any]]:
+        """Built-in stats per step: its live replicas' plus what retired replicas counted."""
+        with self.lock:
+            per_step: dict[str, list[dict[str, Any]]] = {s.name: [] for s in self.engine.steps}
+            for info in self.replicas.values():
+                if info.stats:
+                    per_step.setdefault(info.step, []).append(info.stats)
+            for step, retired in self._retired_stats.items():
+                per_step.setdefault(step, []).extend(retired)
+            return {step: combine(snaps) for step, snaps in per_step.items()}
 
     def _check_health(self) -> None:
         now = time.monotonic()
@@ -252,7 +289,7 @@ class Hub:
                 logger.warning(
                     "Step %s replica %d is silent; taking it for dead.", info.step, info.index
                 )
-                self.replicas.pop(replica_id)
+                self._retire(replica_id)
                 self.table.replica_died(replica_id, info.step)
         self.table.expire(time.time())
 
@@ -296,8 +333,6 @@ class Hub:
 
     def _on_final(self, job: Job) -> None:
         self._payloads.pop(job.job_id, None)
-        self._finished[job.job_id] = None
-        while len(self._finished) > self.keep_finished:
-            old, _ = self._finished.popitem(last=False)
-            self.table.forget(old)
+        self.store.finish(job)
+        self.table.forget(job.job_id)
         self.changed.notify_all()

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -31,6 +31,7 @@ from blueengine.engine import StepSpec
 from blueengine.errors import ChannelError, CodecError
 from blueengine.jobs import new_item_id
 from blueengine.protocol import Envelope
+from blueengine.stats import ReplicaStats
 from blueengine.transport import Consumer, Producer, configure
 from blueengine.types import CONTROL, FORWARD, StepFunc
 
@@ -110,6 +111,7 @@ class Replica:
         self._workers: _WorkerPool | None = None
         self._socket_thread = threading.get_ident()
         self._records_due = 0.0
+        self.stats = ReplicaStats()
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -121,7 +123,7 @@ class Replica:
         if self.spec.concurrency > 1:
             self._workers = _WorkerPool(self)
         self._send_hub(protocol.HELLO, protocol.pack(self._hello_info()))
-        heartbeat = _Heartbeat(self.zmq, self.plan)
+        heartbeat = _Heartbeat(self.zmq, self.plan, self._stats_snapshot)
         logger.info("Step %s replica %d is ready.", self.spec.name, self.plan.index)
         try:
             self._serve()
@@ -142,6 +144,13 @@ class Replica:
         self.hub.close(linger=0)
         self.zmq.term()
 
+    def _stats_snapshot(self) -> dict[str, Any]:
+        # Read from the heartbeat thread: ints and floats read whole under the GIL, and a
+        # snapshot a moment stale is fine for metrics.
+        if self.producer is not None:
+            self.stats.credits = sum(max(0, c.credit) for c in self.producer.consumers.values())
+        return self.stats.snapshot()
+
     def _hello_info(self) -> dict[str, Any]:
         return {"step": self.spec.name, "index": self.plan.index, "pid": os.getpid()}
 
@@ -156,7 +165,9 @@ class Replica:
         self.consumer.flush()
         self.flush_records()
         poller = self._poller()
+        waited_from = time.perf_counter()
         ready = dict(poller.poll(timeout_ms))
+        self.stats.waiting_s += time.perf_counter() - waited_from
         if self.hub in ready:
             self._handle_hub()
         if self.producer is not None and self.producer.socket in ready:
@@ -195,7 +206,9 @@ class Replica:
 
     def _accept(self, frames: list[zmq.Frame]) -> None:
         envelope = Envelope.unpack(frames[0].buffer)
+        self.stats.items_in += 1
         if self.is_dropped(envelope.job_id, envelope.attempt):
+            self.stats.dropped += 1
             return
         try:
             data = codec.decode(frames[1:], allow_pickle=self.plan.allow_pickle)
@@ -214,10 +227,13 @@ class Replica:
         """Run the step function on one item and pass on all it writes."""
         context.job_id, context.attempt = work.envelope.job_id, work.envelope.attempt
         work.xor = work.envelope.item_id
+        started, blocked_before = time.perf_counter(), self.stats.blocked_s
+        self.stats.in_flight = 1
         try:
             for output in outputs.iterate(self.func(context, work.data)):
                 self.emit(work, self.check_output(output))
         except _Dropped:
+            self.stats.dropped += 1
             return
         except Exception as exc:  # user code: the job fails, the step keeps serving.
             logger.warning(
@@ -230,6 +246,10 @@ class Replica:
             )
             self.fail(work.envelope, exc)
             return
+        finally:
+            self.stats.in_flight = 0
+            blocked = self.stats.blocked_s - blocked_before
+            self.stats.observe(time.perf_counter() - started - blocked)
         self.ack(work)
 
     def ack(self, work: _Work) -> None:
@@ -275,16 +295,19 @@ class Replica:
             # Outputs reach the hub before the work they caused, so Status order is causal.
             self.flush_records()
         target = self._send_when_credited(child, frames)
+        self.stats.items_out += 1
         work.sent[target] += 1
         work.xor ^= child.item_id
 
     def _send_when_credited(self, envelope: Envelope, frames: list[Any]) -> str:
         assert self.producer is not None
         packed = envelope.pack()
+        blocked_from = time.perf_counter()
         while True:
             self.producer.handle()
             target = self.producer.pick()
             if target is not None and self.producer.send(target, [protocol.ITEM, packed, *frames]):
+                self.stats.blocked_s += time.perf_counter() - blocked_from
                 return target.decode()
             if self.is_dropped(envelope.job_id, envelope.attempt):
                 raise _Dropped
@@ -297,6 +320,7 @@ class Replica:
                 self._handle_hub()
 
     def fail(self, envelope: Envelope, exc: BaseException) -> None:
+        self.stats.errors += 1
         self.records.append(
             (
                 protocol.FAIL,
@@ -419,6 +443,7 @@ class _WorkerPool:
 
     def submit(self, work: _Work) -> None:
         self.busy += 1
+        self.replica.stats.in_flight = self.busy
         self.inbox.put(work)
 
     def deliver(self) -> None:
@@ -436,11 +461,15 @@ class _WorkerPool:
         replica = self.replica
         envelope = work.envelope
         if kind == "done":
+            records, seconds = value
             self.busy -= 1
-            failed = id(work) in self.failed or value
+            replica.stats.in_flight = self.busy
+            replica.stats.observe(seconds)
+            failed = id(work) in self.failed or records
             self.failed.discard(id(work))
-            if value:
-                replica.records.extend(value)
+            if records:
+                replica.stats.errors += 1
+                replica.records.extend(records)
             elif not failed and not replica.is_dropped(envelope.job_id, envelope.attempt):
                 replica.ack(work)
             return
@@ -470,6 +499,7 @@ class _WorkerPool:
         context = replica.context.for_job(envelope.job_id, envelope.attempt)
         work.xor = envelope.item_id  # the socket thread adds children as it sends them
         records: list[tuple[Any, ...]] = []
+        started = time.perf_counter()
         try:
             for output in outputs.iterate(replica.func(context, work.data)):
                 self._put("emit", work, replica.check_output(output))
@@ -489,7 +519,7 @@ class _WorkerPool:
                     str(exc) or repr(exc),
                 )
             )
-        self._put("done", work, records)
+        self._put("done", work, (records, time.perf_counter() - started))
 
     def _put(self, kind: str, work: _Work, value: Any) -> None:
         self.outbox.put((kind, work, value))
@@ -506,10 +536,19 @@ class _WorkerPool:
 
 
 class _Heartbeat:
-    """Tells the hub this process lives, even while the step function holds the main thread."""
+    """Tells the hub this process lives, even while the step function holds the main thread.
 
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], plan: ReplicaPlan) -> None:
+    Each beat carries the replica's built-in stats, so metrics keep flowing during long items.
+    """
+
+    def __init__(
+        self,
+        context: zmq.Context[zmq.Socket[bytes]],
+        plan: ReplicaPlan,
+        stats: Callable[[], dict[str, Any]],
+    ) -> None:
         self._stop = threading.Event()
+        self._stats = stats
         self._thread = threading.Thread(
             target=self._beat, args=(context, plan), name="heartbeat", daemon=True
         )
@@ -521,7 +560,8 @@ class _Heartbeat:
         sock.connect(plan.hub)
         try:
             while not self._stop.wait(plan.heartbeat_s):
-                sock.send_multipart([protocol.BEAT, plan.replica_id.encode()], zmq.NOBLOCK)
+                body = protocol.pack({"id": plan.replica_id, "stats": self._stats()})
+                sock.send_multipart([protocol.BEAT, body], zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
         finally:
