@@ -233,7 +233,7 @@ def _step(args: argparse.Namespace) -> int:
         allow_pickle=engine.allow_pickle,
         drain_timeout_s=args.drain_timeout,
     )
-    run_replica(plan)
+    run_replica(plan, supervised=False)
     return 0
 
 

@@ -89,7 +89,8 @@ class BlueEngine:
 
     `allow_pickle` lets `forward` carry any picklable object (only between trusted processes);
     `max_attempts` is how often a job is run when a replica holding its work dies or the job
-    misses `job_timeout_s`.
+    misses `job_timeout_s`. `payload_model`, a pydantic model, is what the gateway validates job
+    payloads against (and shows in its OpenAPI document).
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class BlueEngine:
         allow_pickle: bool = False,
         max_attempts: int = 3,
         job_timeout_s: float | None = None,
+        payload_model: type[Any] | None = None,
     ) -> None:
         if not _STEP_NAME.match(name):
             raise ConfigError(f"engine name {name!r} must be 1-63 letters, digits, '_', '.' or '-'")
@@ -110,6 +112,7 @@ class BlueEngine:
         self.allow_pickle = allow_pickle
         self.max_attempts = max_attempts
         self.job_timeout_s = job_timeout_s
+        self.payload_model = payload_model
         self.steps: list[StepSpec] = []
 
     def add_step(
@@ -154,6 +157,7 @@ class BlueEngine:
             allow_pickle=self.allow_pickle,
             max_attempts=self.max_attempts,
             job_timeout_s=self.job_timeout_s,
+            payload_model=self.payload_model,
         )
         for name in replicas:
             self.step(name)

@@ -11,6 +11,7 @@ whole item is through.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import queue
@@ -572,8 +573,24 @@ class _Heartbeat:
         self._thread.join()
 
 
-def run_replica(plan: ReplicaPlan) -> None:
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux only).
+
+    A supervisor killed with `kill -9` cannot stop its replicas; without this they would live on,
+    serving a hub that no longer exists.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def run_replica(plan: ReplicaPlan, supervised: bool = True) -> None:
     """The entry point of a replica process."""
+    if supervised:
+        die_with_parent()
     from blueengine.log import configure_logging, settings_from_env
 
     level, json_lines = settings_from_env()
