@@ -58,7 +58,13 @@ class InlineEngine:
         except Exception as exc:  # user code: the job fails, the next one runs.
             step = getattr(exc, "blueengine_step", None)
             job.status = JobStatus.FAILED
-            job.error = {"step": step, "type": type(exc).__name__, "message": str(exc) or repr(exc)}
+            code = getattr(exc, "code", None)
+            job.error = {
+                "step": step,
+                "type": type(exc).__name__,
+                "message": str(exc) or repr(exc),
+                "code": code if isinstance(code, str) else None,
+            }
             logger.warning("Step %s failed job %s: %s", step, job.job_id, exc)
         if job.status is JobStatus.RUNNING:
             job.status = JobStatus.DONE

@@ -148,7 +148,7 @@ class JobTable:
             elif kind == protocol.ACK:
                 self._on_ack(job_id, replica_id, record[3], record[4])
             elif kind == protocol.FAIL:
-                self._finish(job_id, JobStatus.FAILED, _error(*record[3:6]))
+                self._finish(job_id, JobStatus.FAILED, _error(*record[3:7]))
 
     def _on_output(self, job_id: str, step: str, channel: str, text: str) -> None:
         attempt = self._attempts[job_id]
@@ -191,9 +191,7 @@ class JobTable:
         job = self.jobs.get(job_id)
         if job is None or job.status.final:
             return False
-        self._finish(
-            job_id, JobStatus.CANCELLED, {"step": None, "type": "Cancelled", "message": reason}
-        )
+        self._finish(job_id, JobStatus.CANCELLED, _error(None, "Cancelled", reason))
         return True
 
     def expire(self, now: float) -> None:
@@ -251,5 +249,7 @@ class JobTable:
             del self.jobs[job_id]
 
 
-def _error(step: str | None, kind: str, message: str) -> dict[str, Any]:
-    return {"step": step, "type": kind, "message": message}
+def _error(step: str | None, kind: str, message: str, code: str | None = None) -> dict[str, Any]:
+    """A job's error: the step at fault, the exception type, its message, and a stable code
+    when the exception carried one (clients branch on the code, people read the message)."""
+    return {"step": step, "type": kind, "message": message, "code": code}

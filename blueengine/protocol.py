@@ -39,7 +39,7 @@ COMMAND = b"M"
 # Record kinds inside a RECORDS batch.
 OUT = "out"  # (OUT, job_id, attempt, channel, json_text)
 ACK = "ack"  # (ACK, job_id, attempt, xor_of_item_and_children, {replica_id: children sent})
-FAIL = "fail"  # (FAIL, job_id, attempt, step, exception_type, message)
+FAIL = "fail"  # (FAIL, job_id, attempt, step, exception_type, message, code or None)
 
 
 @dataclass(frozen=True, slots=True)

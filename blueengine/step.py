@@ -322,16 +322,7 @@ class Replica:
 
     def fail(self, envelope: Envelope, exc: BaseException) -> None:
         self.stats.errors += 1
-        self.records.append(
-            (
-                protocol.FAIL,
-                envelope.job_id,
-                envelope.attempt,
-                self.spec.name,
-                type(exc).__name__,
-                str(exc) or repr(exc),
-            )
-        )
+        self.records.append(_failure(envelope, self.spec.name, exc))
 
     # -- the hub -----------------------------------------------------------------------------
 
@@ -510,16 +501,7 @@ class _WorkerPool:
             logger.warning(
                 "Step %s failed job %s.", replica.spec.name, envelope.job_id, exc_info=True
             )
-            records.append(
-                (
-                    protocol.FAIL,
-                    envelope.job_id,
-                    envelope.attempt,
-                    replica.spec.name,
-                    type(exc).__name__,
-                    str(exc) or repr(exc),
-                )
-            )
+            records.append(_failure(envelope, replica.spec.name, exc))
         self._put("done", work, (records, time.perf_counter() - started))
 
     def _put(self, kind: str, work: _Work, value: Any) -> None:
@@ -571,6 +553,20 @@ class _Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _failure(envelope: Envelope, step: str, exc: BaseException) -> tuple[Any, ...]:
+    """The FAIL record for an exception; an exception's string `code` travels with it."""
+    code = getattr(exc, "code", None)
+    return (
+        protocol.FAIL,
+        envelope.job_id,
+        envelope.attempt,
+        step,
+        type(exc).__name__,
+        str(exc) or repr(exc),
+        code if isinstance(code, str) else None,
+    )
 
 
 def die_with_parent() -> None:

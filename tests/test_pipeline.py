@@ -86,7 +86,12 @@ def test_an_exception_fails_its_job_only_and_the_step_keeps_serving(run_engine):
     jobs = {job.payload["n"]: job for job in client.as_completed(ids, timeout_s=30)}
 
     assert [n for n, job in jobs.items() if job.status is JobStatus.FAILED] == [3]
-    assert jobs[3].error == {"step": "square", "type": "ValueError", "message": "refusing 3"}
+    assert jobs[3].error == {
+        "step": "square",
+        "type": "ValueError",
+        "message": "refusing 3",
+        "code": None,
+    }
     assert all(job.status is JobStatus.DONE for n, job in jobs.items() if n != 3)
     later = client.wait(client.submit({"n": 11}), timeout_s=30)
     assert later.status is JobStatus.DONE
