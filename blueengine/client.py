@@ -59,7 +59,12 @@ class LocalEngine:
             store=store,
             heartbeat_timeout_s=heartbeat_timeout_s,
         )
-        self.supervisor = Supervisor(engine, self.hub, self.ipc_dir, drain_timeout_s)
+        try:
+            self.supervisor = Supervisor(engine, self.hub, self.ipc_dir, drain_timeout_s)
+        except BaseException:
+            self.hub.stop()
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
+            raise
         self._started = False
         self._stopped = False
 

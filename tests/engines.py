@@ -102,3 +102,110 @@ def hop(context: Context, input: dict[str, Any]) -> Any:
 
 
 engine = three_steps()
+
+
+def load_model(context: Context) -> dict[str, Any]:
+    return {"pid": os.getpid(), "loaded_at": time.monotonic(), "factor": context.config["factor"]}
+
+
+def scale(context: Context, input: dict[str, Any]) -> Any:
+    job = input["Control"]
+    model = context.resources
+    return {"Result": {"value": job["x"] * model["factor"], "model_pid": model["pid"],
+                       "loaded_at": model["loaded_at"]}}
+
+
+def setup_engine() -> BlueEngine:
+    engine = BlueEngine("setup")
+    engine.add_step("scale", scale, ["Control"], ["Result"], setup=load_model,
+                    config={"factor": 3})
+    return engine
+
+
+def sleepy_fetch(context: Context, input: dict[str, Any]) -> Any:
+    job = input["Control"]
+    time.sleep(job["sleep_s"])
+    return {"forward": job["i"]}
+
+
+def concurrent_engine(concurrency: int) -> BlueEngine:
+    engine = BlueEngine("concurrent")
+    engine.add_step("fetch", sleepy_fetch, ["Control"], [], concurrency=concurrency)
+    engine.add_step("note", lambda_free_note, [], ["Result"])
+    return engine
+
+
+def lambda_free_note(context: Context, input: dict[str, Any]) -> Any:
+    return {"Result": {"i": input["forward"]}}
+
+
+class Opaque:
+    """A value the codec refuses without pickle."""
+
+
+def send_opaque(context: Context, input: dict[str, Any]) -> Any:
+    yield {"forward": Opaque()}
+
+
+def bad_outputs(context: Context, input: dict[str, Any]) -> Any:
+    job = input["Control"]
+    if job["kind"] == "undeclared":
+        yield {"Result": {"oops": True}}
+    elif job["kind"] == "not-json":
+        yield {"Status": {"value": Opaque()}}
+    yield {"forward": job}
+
+
+def codec_engine(allow_pickle: bool = False) -> BlueEngine:
+    engine = BlueEngine("codec", allow_pickle=allow_pickle)
+    engine.add_step("make", send_opaque, ["Control"], [])
+    engine.add_step("take", describe, [], ["Result"])
+    return engine
+
+
+def describe(context: Context, input: dict[str, Any]) -> Any:
+    return {"Result": {"type": type(input["forward"]).__name__}}
+
+
+def output_engine() -> BlueEngine:
+    engine = BlueEngine("outputs")
+    engine.add_step("check", bad_outputs, ["Control"], ["Status"])
+    engine.add_step("end", lambda_free_end, [], [])
+    return engine
+
+
+def lambda_free_end(context: Context, input: dict[str, Any]) -> Any:
+    return None
+
+
+def watch_cancel(context: Context, input: dict[str, Any]) -> Any:
+    job = input["Control"]
+    open(job["log"] + ".started", "w").close()
+    deadline = time.monotonic() + 20
+    while not context.cancelled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with open(job["log"], "w") as out:
+        out.write("cancelled" if context.cancelled else "timed out")
+    return None
+
+
+def cancel_engine() -> BlueEngine:
+    engine = BlueEngine("watch")
+    engine.add_step("watch", watch_cancel, ["Control"], [])
+    engine.add_step("end", lambda_free_end, [], [])
+    return engine
+
+
+def hang_once(context: Context, input: dict[str, Any]) -> Any:
+    job = input["Control"]
+    marker = job["marker"]
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        time.sleep(30)  # the first attempt misses its deadline
+    return {"Result": {"attempt": context.attempt}}
+
+
+def deadline_engine() -> BlueEngine:
+    engine = BlueEngine("deadline", job_timeout_s=1.0)
+    engine.add_step("hang", hang_once, ["Control"], ["Result"], concurrency=2)
+    return engine
