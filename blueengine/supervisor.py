@@ -62,6 +62,9 @@ class Supervisor:
         self._mp = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._running = False
+        self._stopping = False
+        self._started = threading.Event()
+        self._exited = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self.slots = self._plan()
 
@@ -95,17 +98,16 @@ class Supervisor:
     # -- life cycle --------------------------------------------------------------------------
 
     def start(self) -> None:
+        # Every replica is spawned by the watcher thread, which lives until stop() is done: the
+        # kernel's parent-death signal fires when the spawning *thread* exits, not the process.
         self._running = True
-        for slot in self.slots:
-            self._spawn(slot)
         self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
         self._thread.start()
+        self._started.wait()
 
     def stop(self) -> None:
         """SIGTERM the steps from the last to the first, so each drains into a live next step."""
-        self._running = False
-        if self._thread is not None:
-            self._thread.join()
+        self._stopping = True
         for step_index in reversed(range(len(self.engine.steps))):
             slots = [s for s in self.slots if s.step_index == step_index]
             for slot in slots:
@@ -115,16 +117,23 @@ class Supervisor:
             deadline = time.monotonic() + self.drain_timeout_s + 5
             for slot in slots:
                 self._reap(slot, deadline)
+        self._running = False
+        if self._thread is not None:
+            self._thread.join()
 
     def _reap(self, slot: _Slot, deadline: float) -> None:
-        process = slot.process
-        if process is None:
-            return
-        process.join(max(0.0, deadline - time.monotonic()))
-        if process.is_alive():
+        # Only the watcher thread waits on processes (two waiters race for one exit status);
+        # here we wait for it to report the exit.
+        with self._exited:
+            while slot.process is not None and time.monotonic() < deadline:
+                self._exited.wait(deadline - time.monotonic())
+            process = slot.process
+        if process is not None:
             logger.warning("%s did not stop in time; killing it.", slot.plan.title)
             process.kill()
-            process.join()
+            with self._exited:
+                while slot.process is not None:
+                    self._exited.wait()
 
     def pids(self, step: str) -> list[int]:
         """The pids of a step's live replicas (for tests and tools)."""
@@ -150,24 +159,28 @@ class Supervisor:
             slot.process, slot.started_at, slot.restart_at = process, time.monotonic(), None
 
     def _watch(self) -> None:
+        for slot in self.slots:
+            self._spawn(slot)
+        self._started.set()
         while self._running:
             alive = {s.process.sentinel: s for s in self.slots if s.process is not None}
             for sentinel in wait(list(alive), timeout=0.1):
                 self._on_exit(alive[sentinel])  # type: ignore[index]
             now = time.monotonic()
             for slot in self.slots:
-                if slot.restart_at is not None and now >= slot.restart_at and self._running:
+                if slot.restart_at is not None and now >= slot.restart_at and not self._stopping:
                     self._spawn(slot)
 
     def _on_exit(self, slot: _Slot) -> None:
         process = slot.process
         assert process is not None
         process.join()
-        with self._lock:
+        with self._exited:
             slot.process = None
             slot.exit_codes.append(process.exitcode)
+            self._exited.notify_all()
         self.hub.replica_died(slot.plan.replica_id)
-        if slot.stopping or not self._running:
+        if slot.stopping or self._stopping:
             return
         uptime = time.monotonic() - slot.started_at
         if uptime > STABLE_AFTER_S:

@@ -153,7 +153,15 @@ class Producer:
         return True
 
     def untaken(self) -> int:
-        """Items sent that no consumer has confirmed taking out of its socket yet."""
+        """Items sent that a live consumer has not confirmed taking out of its socket yet.
+
+        Consumers that are gone are forgotten first: a dead replica never takes what it held (the
+        hub retries that work), and waiting for it would hold a drain to its deadline.
+        """
+        for identity, consumer in list(self.consumers.items()):
+            if consumer.sent > consumer.taken:
+                # A probe to a peer whose connection is gone fails at once (ROUTER_MANDATORY).
+                self._answer(identity, protocol.WELCOME)
         return sum(c.sent - c.taken for c in self.consumers.values())
 
     def close(self) -> None:

@@ -111,14 +111,18 @@ def load_model(context: Context) -> dict[str, Any]:
 def scale(context: Context, input: dict[str, Any]) -> Any:
     job = input["Control"]
     model = context.resources
-    return {"Result": {"value": job["x"] * model["factor"], "model_pid": model["pid"],
-                       "loaded_at": model["loaded_at"]}}
+    return {
+        "Result": {
+            "value": job["x"] * model["factor"],
+            "model_pid": model["pid"],
+            "loaded_at": model["loaded_at"],
+        }
+    }
 
 
 def setup_engine() -> BlueEngine:
     engine = BlueEngine("setup")
-    engine.add_step("scale", scale, ["Control"], ["Result"], setup=load_model,
-                    config={"factor": 3})
+    engine.add_step("scale", scale, ["Control"], ["Result"], setup=load_model, config={"factor": 3})
     return engine
 
 
@@ -209,3 +213,6 @@ def deadline_engine() -> BlueEngine:
     engine = BlueEngine("deadline", job_timeout_s=1.0)
     engine.add_step("hang", hang_once, ["Control"], ["Result"], concurrency=2)
     return engine
+
+
+slow = three_steps(replicas=2, delay_s=30)  # for a supervisor killed mid-job

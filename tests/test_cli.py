@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
+import psutil
 import pytest
 
 from blueengine import JobStatus
@@ -85,10 +86,22 @@ def test_step_processes_on_tcp_find_each_other_by_host_name(tcp_hub):
     numbers_port, square_port = free_port(), free_port()
     common = ["--hub", tcp_hub.events_endpoint]
     commands = [
-        ["--step", "numbers", "--upstream", tcp_hub.jobs_endpoint,
-         "--bind", f"tcp://127.0.0.1:{numbers_port}"],
-        ["--step", "square", "--upstream", f"tcp://localhost:{numbers_port}",
-         "--bind", f"tcp://127.0.0.1:{square_port}"],
+        [
+            "--step",
+            "numbers",
+            "--upstream",
+            tcp_hub.jobs_endpoint,
+            "--bind",
+            f"tcp://127.0.0.1:{numbers_port}",
+        ],
+        [
+            "--step",
+            "square",
+            "--upstream",
+            f"tcp://localhost:{numbers_port}",
+            "--bind",
+            f"tcp://127.0.0.1:{square_port}",
+        ],
         ["--step", "report", "--upstream", f"tcp://localhost:{square_port}"],
     ]
     env = {**os.environ, "BLUEENGINE_LOG_LEVEL": "WARNING"}
@@ -113,3 +126,27 @@ def test_step_says_what_it_needs():
     done = blueengine("step", APP, "--step", "square", "--upstream", "tcp://127.0.0.1:1")
     assert done.returncode == 2
     assert "needs --hub and --upstream" in done.stderr
+
+
+def test_replicas_die_with_a_supervisor_killed_with_kill_9():
+    args = ["run", "tests.engines:slow", "--input", '{"n": 1}', "--input", '{"n": 2}']
+    run = subprocess.Popen(
+        [sys.executable, "-m", "blueengine", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        parent = psutil.Process(run.pid)
+        wait_until(lambda: len(_replicas(parent)) == 4, what="four replicas")
+        replicas = _replicas(parent)
+        run.kill()
+        run.wait(timeout=10)
+        _gone, alive = psutil.wait_procs(replicas, timeout=10)
+        assert alive == []
+    finally:
+        run.kill()
+        run.wait(timeout=10)
+
+
+def _replicas(parent: psutil.Process) -> list[psutil.Process]:
+    return [p for p in parent.children() if " ".join(p.cmdline()).startswith("blueengine ")]

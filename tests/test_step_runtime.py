@@ -65,7 +65,7 @@ def test_running_code_sees_its_job_cancelled(run_engine, tmp_path):
     client = run_engine(engines.cancel_engine())
     log = tmp_path / "outcome"
     job_id = client.submit({"log": str(log)})
-    wait_until(lambda: (tmp_path / "outcome.started").exists(), what="the step to start")
+    wait_until((tmp_path / "outcome.started").exists, what="the step to start")
     assert client.cancel(job_id)
 
     wait_until(log.exists, what="the step to notice")
