@@ -113,6 +113,13 @@ class Replica:
         self._socket_thread = threading.get_ident()
         self._records_due = 0.0
         self.stats = ReplicaStats()
+        self._poller_key: tuple[int, bool] | None = None
+        self._cached_poller = zmq.Poller()
+        # Signals write to this pipe, so a SIGTERM wakes the loop at once instead of at its
+        # next poll timeout.
+        self._signals, signal_writer = os.pipe()
+        os.set_blocking(signal_writer, False)
+        self.signal_writer = signal_writer
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -144,6 +151,8 @@ class Replica:
             self.producer.close()
         self.hub.close(linger=0)
         self.zmq.term()
+        os.close(self._signals)
+        os.close(self.signal_writer)
 
     def _stats_snapshot(self) -> dict[str, Any]:
         # Read from the heartbeat thread: ints and floats read whole under the GIL, and a
@@ -169,6 +178,8 @@ class Replica:
         waited_from = time.perf_counter()
         ready = dict(poller.poll(timeout_ms))
         self.stats.waiting_s += time.perf_counter() - waited_from
+        if self._signals in ready:
+            os.read(self._signals, 512)
         if self.hub in ready:
             self._handle_hub()
         if self.producer is not None and self.producer.socket in ready:
@@ -181,7 +192,15 @@ class Replica:
         self.consumer.keep_alive(time.monotonic())
 
     def _poller(self) -> zmq.Poller:
+        # Built again only when the links or the room to take work change: this runs per item.
+        key = (self.consumer.version, self._has_room())
+        if key != self._poller_key:
+            self._poller_key, self._cached_poller = key, self._build_poller()
+        return self._cached_poller
+
+    def _build_poller(self) -> zmq.Poller:
         poller = zmq.Poller()
+        poller.register(self._signals, zmq.POLLIN)
         poller.register(self.hub, zmq.POLLIN)
         if self.producer is not None:
             poller.register(self.producer.socket, zmq.POLLIN)
@@ -602,4 +621,5 @@ def run_replica(plan: ReplicaPlan, supervised: bool = True) -> None:
     # shutdown, so replicas react to SIGTERM only.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, replica.request_stop)
+    signal.set_wakeup_fd(replica.signal_writer)
     replica.run()

@@ -195,6 +195,7 @@ class Consumer:
         self.endpoints = list(endpoints)
         self.window = window
         self.links: dict[zmq.Socket[bytes], Link] = {}
+        self.version = 0  # grows whenever a link is added or closed
         self.stopping = False
         self._resolved_at = 0.0
         self.refresh()
@@ -214,6 +215,7 @@ class Consumer:
             if now - link.last_heard > LEAVE_QUIET_S:
                 logger.info("Producer %s left; closing its link.", address)
                 self.links.pop(current[address]).socket.close(linger=0)
+                self.version += 1
 
     def _connect(self, address: str) -> None:
         sock: zmq.Socket[bytes] = self.context.socket(zmq.DEALER)
@@ -221,6 +223,7 @@ class Consumer:
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
         sock.connect(address)
         self.links[sock] = Link(address, sock)
+        self.version += 1
         self._hello(self.links[sock])
 
     def _hello(self, link: Link) -> None:
@@ -286,3 +289,4 @@ class Consumer:
         for sock in self.links:
             sock.close(linger=0)
         self.links.clear()
+        self.version += 1
