@@ -171,7 +171,7 @@ class JobTable:
         attempt.holders[replica_id] -= 1
         for target, count in sent.items():
             attempt.holders[target] += count
-        if any(attempt.holders[target] > 0 for target in sent if target in self._dead):
+        if self._dead and any(attempt.holders[t] > 0 for t in sent if t in self._dead):
             self._retry(job_id, "a replica holding its work died")
         elif attempt.ledger == 0:
             self._finish(job_id, JobStatus.DONE, settled=True)

@@ -24,15 +24,21 @@ class ReplicaStats:
     buckets: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS_S) + 1))
     in_flight: int = 0
     credits: int = 0
+    recent_item_s: float = 0.0  # moving average of processing time, for sizing windows
 
     def observe(self, seconds: float) -> None:
         """Count one item's processing time."""
         self.processing_s += seconds
         self.buckets[bisect.bisect_left(BUCKETS_S, seconds)] += 1
+        if self.recent_item_s == 0.0:
+            self.recent_item_s = seconds
+        else:
+            self.recent_item_s += (seconds - self.recent_item_s) * 0.1
 
     def snapshot(self) -> dict[str, Any]:
         snap = asdict(self)
         snap["buckets"] = list(self.buckets)
+        del snap["recent_item_s"]
         return snap
 
 

@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 RECORDS_BATCH = 64
 RECORDS_DELAY_S = 0.002
+WINDOW_TARGET_S = 0.005
+MAX_WINDOW = 64
 POLL_MS = 100
 DROPPED_MEMORY = 100_000  # cancelled jobs remembered per replica
 
@@ -112,6 +114,8 @@ class Replica:
         self._workers: _WorkerPool | None = None
         self._socket_thread = threading.get_ident()
         self._records_due = 0.0
+        self._hub_check_due = 0.0
+        self._outputs_pending = False  # an OUT record waits in `records`
         self.stats = ReplicaStats()
         self._poller_key: tuple[int, bool] | None = None
         self._cached_poller = zmq.Poller()
@@ -172,12 +176,16 @@ class Replica:
 
     def _turn(self, timeout_ms: int = POLL_MS) -> None:
         """Wait for something to do, once, and do it."""
-        self.consumer.flush()
-        self.flush_records()
         poller = self._poller()
-        waited_from = time.perf_counter()
-        ready = dict(poller.poll(timeout_ms))
-        self.stats.waiting_s += time.perf_counter() - waited_from
+        ready = dict(poller.poll(0))
+        if not ready:
+            # About to wait: report what was taken and done first, so that nobody waits on us.
+            # Under load this point is rarely reached and reports travel in batches.
+            self.consumer.flush()
+            self.flush_records()
+            waited_from = time.perf_counter()
+            ready = dict(poller.poll(timeout_ms))
+            self.stats.waiting_s += time.perf_counter() - waited_from
         if self._signals in ready:
             os.read(self._signals, 512)
         if self.hub in ready:
@@ -219,10 +227,22 @@ class Replica:
             frames = self.consumer.receive(sock)
             if frames is None:
                 continue
-            if self.consumer.links[sock].untold >= max(1, self.plan.window // 2):
+            if self.consumer.should_report(sock):
                 self.consumer.flush()
             self._accept(frames)
             self._flush_if_due()
+            self._resize_window()
+
+    def _resize_window(self) -> None:
+        # Grant each producer about WINDOW_TARGET_S of work: fast steps get deep windows and
+        # batch their messages, slow ones hold little, so a slow replica is never buried while
+        # a fast one idles. Powers of two, so the window (and its HELLOs) changes rarely.
+        if self.stats.recent_item_s == 0.0:
+            return  # nothing measured yet: keep the cautious window
+        per_item_s = self.stats.recent_item_s / self.spec.concurrency
+        wanted = self.spec.concurrency + WINDOW_TARGET_S / max(per_item_s, 1e-7)
+        window = 1 << max(0, int(wanted).bit_length() - 1)
+        self.consumer.set_window(min(MAX_WINDOW, max(self.plan.window, window)))
 
     def _accept(self, frames: list[zmq.Frame]) -> None:
         envelope = Envelope.unpack(frames[0].buffer)
@@ -281,14 +301,20 @@ class Replica:
     def emit(self, work: _Work, output: Mapping[str, Any]) -> None:
         """Pass on one output dict of the step function (runs on the socket thread)."""
         envelope = work.envelope
-        if self.hub.poll(0):
-            self._handle_hub()  # a cancel may have arrived while the step function ran
+        now = time.monotonic()
+        if now >= self._hub_check_due:
+            # A cancel may have arrived while the step function ran; looking costs a system
+            # call, so at most once a millisecond.
+            self._hub_check_due = now + 0.001
+            if self.hub.poll(0):
+                self._handle_hub()
         if self.is_dropped(envelope.job_id, envelope.attempt):
             raise _Dropped
         for channel, value in output.items():
             if channel == FORWARD:
                 self._forward(work, value)
             else:
+                self._outputs_pending = True
                 self.records.append(
                     (
                         protocol.OUT,
@@ -311,7 +337,7 @@ class Replica:
         child = Envelope(
             work.envelope.job_id, work.envelope.attempt, new_item_id(), work.envelope.deadline
         )
-        if any(r[0] == protocol.OUT for r in self.records):
+        if self._outputs_pending:
             # Outputs reach the hub before the work they caused, so Status order is causal.
             self.flush_records()
         target = self._send_when_credited(child, frames)
@@ -324,8 +350,12 @@ class Replica:
         packed = envelope.pack()
         blocked_from = time.perf_counter()
         while True:
-            self.producer.handle()
+            # Known credit is never too high (it only grows by messages), so read the socket
+            # only when it seems to have run out.
             target = self.producer.pick()
+            if target is None:
+                self.producer.handle()
+                target = self.producer.pick()
             if target is not None and self.producer.send(target, [protocol.ITEM, packed, *frames]):
                 self.stats.blocked_s += time.perf_counter() - blocked_from
                 return target.decode()
@@ -349,6 +379,7 @@ class Replica:
         if self.records:
             self.hub.send_multipart([protocol.RECORDS, protocol.pack(self.records)])
             self.records = []
+        self._outputs_pending = False
         self._records_due = time.monotonic() + RECORDS_DELAY_S
 
     def _flush_if_due(self) -> None:

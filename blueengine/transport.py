@@ -13,6 +13,7 @@ import os
 import socket
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -30,6 +31,9 @@ LEAVE_QUIET_S = 10.0
 DRAIN_SILENCE_S = 1.0
 # Below this size copying a frame is cheaper than tracking a zero-copy send.
 ZERO_COPY_MIN_BYTES = 64 * 1024
+# Bytes a producer lets wait in one consumer's socket, whatever its item window (one item
+# always fits): small items batch freely, 16 MiB arrays do not pile up.
+MAX_UNTAKEN_BYTES = 8 * 1024 * 1024
 
 
 def private_ipc_dir(prefix: str = "blueengine-") -> str:
@@ -90,10 +94,27 @@ class _Consumer:
     sent: int = 0
     taken: int = 0
     stopped: bool = False
+    sizes: deque[int] = field(default_factory=deque)  # bytes of each item not yet taken
+    untaken_bytes: int = 0
 
     @property
     def credit(self) -> int:
-        return 0 if self.stopped else self.window - (self.sent - self.taken)
+        if self.stopped:
+            return 0
+        untaken = self.sent - self.taken
+        if untaken and self.untaken_bytes >= MAX_UNTAKEN_BYTES:
+            return 0  # large items: the byte budget binds before the item window does
+        return self.window - untaken
+
+    def sent_one(self, size: int) -> None:
+        self.sent += 1
+        self.sizes.append(size)
+        self.untaken_bytes += size
+
+    def took(self, count: int) -> None:
+        self.taken += count
+        for _ in range(min(count, len(self.sizes))):
+            self.untaken_bytes -= self.sizes.popleft()
 
 
 class Producer:
@@ -120,7 +141,7 @@ class Producer:
             consumer.stopped = False
             self._answer(identity, protocol.WELCOME)
         elif kind == protocol.TAKE:
-            consumer.taken += protocol.unpack(args[0])
+            consumer.took(protocol.unpack(args[0]))
         elif kind == protocol.STOP:
             consumer.stopped = True
             self._answer(identity, protocol.STOPPED)
@@ -149,7 +170,7 @@ class Producer:
                 raise
             self.consumers.pop(identity, None)
             return False
-        self.consumers[identity].sent += 1
+        self.consumers[identity].sent_one(sum(len(f) for f in frames))
         return True
 
     def untaken(self) -> int:
@@ -228,6 +249,19 @@ class Consumer:
 
     def _hello(self, link: Link) -> None:
         link.socket.send_multipart([protocol.HELLO, protocol.pack(self.window)])
+
+    def set_window(self, window: int) -> None:
+        """Grant a new window on every link (the replica sizes it to its speed)."""
+        if window == self.window:
+            return
+        self.window = window
+        if not self.stopping:
+            for link in self.links.values():
+                self._hello(link)
+
+    def should_report(self, sock: zmq.Socket[bytes]) -> bool:
+        """Whether enough items were taken on this link that the producer may run short."""
+        return self.links[sock].untold * 2 >= self.window
 
     def receive(self, sock: zmq.Socket[bytes]) -> list[zmq.Frame] | None:
         """The next item on a readable link as frames (envelope first), or None."""
