@@ -37,6 +37,9 @@ class BlueEngineChain:
         _check_done(job.status, job.error)
         return int(job.results[0]["latency_ns"]), end_to_end
 
+    def pids(self) -> list[int]:
+        return [pid for spec in self.engine.steps for pid in self.client.supervisor.pids(spec.name)]
+
     def close(self) -> None:
         self.client.stop()
 

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from multiprocessing.process import BaseProcess
 from typing import Protocol
 
 JOB_TIMEOUT_S = 120.0
 """No benchmark run takes near this long; a chain that does is broken, not slow."""
+
+CHECK_INTERVAL_S = 0.5
+"""How often a driver waiting for a result checks that the chain's processes still live."""
+
+
+def check_alive(name: str, processes: Sequence[BaseProcess]) -> None:
+    """Raise if a process of the chain has exited: its results will never come."""
+    for process in processes:
+        if not process.is_alive():
+            raise RuntimeError(
+                f"{name}: process {process.name} exited with code {process.exitcode}; "
+                "its traceback is above"
+            )
 
 
 class Chain(Protocol):
@@ -24,6 +39,10 @@ class Chain(Protocol):
 
     def one_item(self, kind: str) -> tuple[int, int]:
         """Run a job of one item alone: (in-chain ns, submit-to-done ns)."""
+        ...
+
+    def pids(self) -> list[int]:
+        """The process ids of the chain's processes (not this driver process)."""
         ...
 
     def close(self) -> None:

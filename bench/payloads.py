@@ -40,8 +40,8 @@ class Kind:
 
 
 SMALL = Kind("small", items_per_job=1000, depth=1000, probe_items=1000)
-MIB_1 = Kind("1MiB", items_per_job=20, depth=4, probe_items=40)
-MIB_16 = Kind("16MiB", items_per_job=4, depth=2, probe_items=8)
+MIB_1 = Kind("1MiB", items_per_job=20, depth=4, probe_items=100)
+MIB_16 = Kind("16MiB", items_per_job=4, depth=2, probe_items=16)
 KINDS: dict[str, Kind] = {kind.name: kind for kind in (SMALL, MIB_1, MIB_16)}
 
 _ARRAY_BYTES = {"1MiB": 1 << 20, "16MiB": 16 << 20}
