@@ -34,6 +34,7 @@ typecheck: install
 bench: install
 	$(BIN)/python -m bench.transport
 	$(BIN)/python -m bench.memory
+	$(BIN)/python -m bench.gateway
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

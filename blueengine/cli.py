@@ -83,7 +83,42 @@ def _parser() -> argparse.ArgumentParser:
     )
     step.add_argument("--drain-timeout", type=float, default=30.0, metavar="S")
     step.set_defaults(command=_step)
+    _add_serve_parser(commands)
     return parser
+
+
+def _add_serve_parser(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run the HTTP gateway and every step on this machine",
+        description="Serve APP over HTTP with every step in its own process; Ctrl-C drains. "
+        "BLUEENGINE_API_KEYS (comma-separated) makes /jobs and /control ask for a key.",
+    )
+    serve.add_argument("app", metavar="APP", help="module:attribute naming a BlueEngine")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    serve.add_argument("--replicas", action="append", default=[], metavar="STEP=N")
+    serve.add_argument(
+        "--db",
+        default=os.environ.get("BLUEENGINE_DB", "blueengine.db"),
+        metavar="PATH",
+        help="the SQLite file jobs are kept in [BLUEENGINE_DB]",
+    )
+    serve.add_argument(
+        "--max-jobs", type=int, default=10_000, help="unfinished jobs taken before a 429"
+    )
+    serve.add_argument(
+        "--keep-finished", type=int, default=10_000, metavar="N", help="finished jobs kept"
+    )
+    serve.add_argument(
+        "--keep-finished-for",
+        type=float,
+        default=7 * 86400.0,
+        metavar="S",
+        help="seconds a finished job is kept",
+    )
+    serve.add_argument("--drain-timeout", type=float, default=30.0, metavar="S")
+    serve.set_defaults(command=_serve)
 
 
 def load_app(target: str) -> BlueEngine:
@@ -200,6 +235,25 @@ class _Progress:
             self.stream.write("\n")
         else:
             self.stream.write(f"{self.done}/{self.total} jobs finished\n")
+
+
+# -- serve ---------------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from blueengine.serve import ServeOptions, serve
+
+    engine = load_app(args.app).with_replicas(parse_replicas(args.replicas))
+    options = ServeOptions(
+        host=args.host,
+        port=args.port,
+        db=args.db,
+        max_jobs=args.max_jobs,
+        keep_finished=args.keep_finished,
+        keep_finished_s=args.keep_finished_for,
+        drain_timeout_s=args.drain_timeout,
+    )
+    return serve(engine, options, sys.stdout)
 
 
 # -- step ---------------------------------------------------------------------------------------

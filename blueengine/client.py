@@ -117,6 +117,9 @@ class LocalEngine:
 
     def _abandon_unfinished(self) -> None:
         # Jobs here live only in memory: say what became of them rather than leave them hanging.
+        # A durable store (SQLite) keeps them unfinished instead, so the next start resumes them.
+        if getattr(self.hub.store, "durable", False):
+            return
         with self.hub.lock:
             unfinished = [j.job_id for j in self.hub.table.jobs.values() if not j.status.final]
             for job_id in unfinished:

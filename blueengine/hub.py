@@ -77,6 +77,7 @@ class Hub:
         # A pipe, not a socket, wakes the hub: any thread may write to it without owning it.
         self._wake, self._waker = os.pipe()
         os.set_blocking(self._waker, False)
+        self._poked = False
         self._payloads: dict[str, list[Any]] = {}
         self._drops: list[tuple[str, int]] = []
         self._recent_drops: OrderedDict[str, int] = OrderedDict()
@@ -204,6 +205,11 @@ class Hub:
             return self.table.in_flight + len(self.table.queue)
 
     def _poke(self) -> None:
+        # One wake-up pending is enough: waking the hub per job costs the caller its GIL. The
+        # hub clears the flag under the lock before it looks at the queue, so none is missed.
+        if self._poked:
+            return
+        self._poked = True
         # A full pipe means the hub is awake anyway.
         with contextlib.suppress(BlockingIOError):
             os.write(self._waker, b"x")
@@ -219,7 +225,10 @@ class Hub:
             ready = dict(poller.poll(POLL_MS))
             with self.lock:
                 if self._wake in ready:
+                    # Empty the pipe before clearing the flag: a poke landing in between then
+                    # leaves its byte for the next poll instead of being swallowed with this one.
                     os.read(self._wake, 4096)
+                    self._poked = False
                 if self.events in ready:
                     self._handle_events()
                 self.producer.handle()

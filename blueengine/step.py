@@ -637,6 +637,9 @@ def run_replica(plan: ReplicaPlan, supervised: bool = True) -> None:
     """The entry point of a replica process."""
     if supervised:
         die_with_parent()
+        # A group of its own: a signal for the whole group (Ctrl-C, `timeout`, a service
+        # manager) reaches only the supervisor, which stops replicas in order.
+        os.setpgid(0, 0)
     from blueengine.log import configure_logging, settings_from_env
 
     level, json_lines = settings_from_env()
