@@ -181,7 +181,7 @@ class Replica:
         if not ready:
             # About to wait: report what was taken and done first, so that nobody waits on us.
             # Under load this point is rarely reached and reports travel in batches.
-            self.consumer.flush()
+            self.consumer.flush(only_short=True)
             self.flush_records()
             waited_from = time.perf_counter()
             ready = dict(poller.poll(timeout_ms))

@@ -196,6 +196,7 @@ class Link:
     address: str
     socket: zmq.Socket[bytes]
     untold: int = 0  # items taken but not yet reported with TAKE
+    untold_bytes: int = 0
     last_heard: float = field(default_factory=time.monotonic)
     last_hello: float = field(default_factory=time.monotonic)
     stopped: bool = False
@@ -261,7 +262,7 @@ class Consumer:
 
     def should_report(self, sock: zmq.Socket[bytes]) -> bool:
         """Whether enough items were taken on this link that the producer may run short."""
-        return self.links[sock].untold * 2 >= self.window
+        return self._running_short(self.links[sock])
 
     def receive(self, sock: zmq.Socket[bytes]) -> list[zmq.Frame] | None:
         """The next item on a readable link as frames (envelope first), or None."""
@@ -278,14 +279,28 @@ class Consumer:
             logger.warning("Unknown message kind %r from %s; dropped.", kind, link.address)
             return None
         link.untold += 1
+        link.untold_bytes += sum(len(frame) for frame in frames)
         return frames[1:]
 
-    def flush(self) -> None:
-        """Report taken items, so producers can send more; called before waiting."""
+    def flush(self, only_short: bool = False) -> None:
+        """Report taken items, so producers can send more.
+
+        With `only_short`, only links whose producer may be running short of credit report:
+        a TAKE wakes the producer's process, which on a busy machine costs the next item its
+        latency. The rest report within HELLO_INTERVAL_S (`keep_alive`).
+        """
         for link in self.links.values():
-            if link.untold:
-                link.socket.send_multipart([protocol.TAKE, protocol.pack(link.untold)])
-                link.untold = 0
+            if link.untold and not (only_short and not self._running_short(link)):
+                self._tell(link)
+
+    def _running_short(self, link: Link) -> bool:
+        # The producer's two limits: the item window and the byte budget per consumer.
+        return link.untold * 2 >= self.window or link.untold_bytes * 2 >= MAX_UNTAKEN_BYTES
+
+    def _tell(self, link: Link) -> None:
+        link.socket.send_multipart([protocol.TAKE, protocol.pack(link.untold)])
+        link.untold = 0
+        link.untold_bytes = 0
 
     def keep_alive(self, now: float) -> None:
         """Re-announce credit on quiet links: a restarted producer has forgotten ours."""
@@ -298,6 +313,8 @@ class Consumer:
         for link in self.links.values():
             if now - max(link.last_heard, link.last_hello) > HELLO_INTERVAL_S:
                 link.last_hello = now
+                if link.untold:
+                    self._tell(link)
                 self._hello(link)
 
     def stop(self) -> None:
