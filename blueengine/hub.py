@@ -94,8 +94,9 @@ class Hub:
 
     def start(self) -> None:
         """Queue the jobs the store holds unfinished, then start serving."""
-        resumed = self.store.unfinished()
         with self.lock:
+            # Jobs submitted before start() are in the table already and in the store too.
+            resumed = [j for j in self.store.unfinished() if j.job_id not in self.table.jobs]
             for job in resumed:
                 self._payloads[job.job_id] = codec.encode(
                     job.payload, allow_pickle=self.engine.allow_pickle
