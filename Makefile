@@ -35,6 +35,7 @@ bench: install
 	$(BIN)/python -m bench.transport
 	$(BIN)/python -m bench.memory
 	$(BIN)/python -m bench.gateway
+	$(BIN)/python -m bench.face
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

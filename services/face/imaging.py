@@ -27,7 +27,7 @@ import warnings
 import zlib
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["BAD_IMAGE", "DECODED_FORMATS", "TOO_LARGE", "ImageError", "decode_image"]
 
@@ -79,6 +79,11 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
             return _decode(data, max_pixels)
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
             raise ImageError(TOO_LARGE, f"image too large: {exc}") from None
+        except UnidentifiedImageError:
+            # Pillow's own message names the BytesIO object by its address: noise in a job error.
+            formats = ", ".join(DECODED_FORMATS)
+            reason = f"cannot identify image file as one of {formats}"
+            raise ImageError(BAD_IMAGE, f"not a decodable image: {reason}") from None
         except _DECODE_ERRORS as exc:
             raise ImageError(BAD_IMAGE, f"not a decodable image: {exc}") from None
 

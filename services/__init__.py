@@ -1,0 +1,1 @@
+"""Engines built on BlueEngine that ship with it; `services.face` is the face-recognition one."""
