@@ -7,6 +7,9 @@ object. Pydantic's lax mode takes some values the schema does not name (``0`` fo
 
 - ``POST /jobs``: queue a job. ``202`` with ``job_id``, ``status`` and a ``Location`` header;
   with ``?wait=S``, ``200`` and the finished job if it ends within S seconds.
+- ``POST /jobs/upload``: the same for a file sent as multipart: the part ``file`` becomes the
+  payload field ``<field>_b64`` (``image_b64`` unless the form says otherwise), base64; the
+  form field ``payload`` may hold the other fields as a JSON object.
 - ``GET /jobs/{job_id}``: the job. ``GET /jobs?status=&limit=&cursor=``: a page of jobs, newest
   first; follow ``next_cursor`` until it is null (a page may hold fewer than ``limit`` jobs).
 - ``GET /jobs/{job_id}/events``: server-sent events: ``status`` for each Status message in
@@ -34,6 +37,7 @@ With ``BLUEENGINE_API_KEYS`` set (comma-separated), ``/jobs*`` and ``/control`` 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import json
@@ -46,11 +50,11 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import msgpack
-from fastapi import Body, Depends, FastAPI, Query, Request
+from fastapi import Body, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -71,6 +75,7 @@ KEEPALIVE_S = 15.0
 MAX_PAGE = 1000
 STOPPING_RETRY_AFTER_S = 5
 _REJECTION = {EngineFull: "full", EngineStopped: "stopped", CodecError: "invalid"}
+_SUBMIT = frozenset({"/jobs", "/jobs/upload"})
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -426,23 +431,66 @@ async def _require_key(
         )
 
 
+async def _accept(gateway: Gateway, request: Request, data: Any, wait: float) -> Response:
+    """Submit a payload; 202 with its Location, or 200 with the job if it ends within `wait`."""
+    job = gateway.submit(data)
+    headers = {"Location": f"{request.scope.get('root_path', '')}/jobs/{job.job_id}"}
+    if wait > 0:
+        view = await gateway.wait(job.job_id, wait)
+        if JobStatus(view["status"]).final:
+            return JSONResponse(view, 200, headers)
+        return JSONResponse({"job_id": job.job_id, "status": view["status"]}, 202, headers)
+    return JSONResponse({"job_id": job.job_id, "status": job.status.value}, 202, headers)
+
+
 def _submit_endpoint(gateway: Gateway, payload_type: Any) -> Callable[..., Awaitable[Response]]:
     # The busiest route takes its gateway from here, not from a dependency FastAPI would solve.
     async def submit_job(request: Request, payload: Any, wait: WaitQuery = 0) -> Response:
         data = payload.model_dump(mode="json") if isinstance(payload, BaseModel) else payload
-        job = gateway.submit(data)
-        headers = {"Location": f"{request.scope.get('root_path', '')}/jobs/{job.job_id}"}
-        if wait > 0:
-            view = await gateway.wait(job.job_id, wait)
-            if JobStatus(view["status"]).final:
-                return JSONResponse(view, 200, headers)
-            return JSONResponse({"job_id": job.job_id, "status": view["status"]}, 202, headers)
-        return JSONResponse({"job_id": job.job_id, "status": job.status.value}, 202, headers)
+        return await _accept(gateway, request, data, wait)
 
     # FastAPI validates the body against, and documents, the type this annotation names: the
     # engine's payload model, known only now.
     submit_job.__annotations__["payload"] = Annotated[payload_type, Body()]
     return submit_job
+
+
+def _upload_endpoint(gateway: Gateway, payload_type: Any) -> Callable[..., Awaitable[Response]]:
+    """``POST /jobs/upload``: a file sent as multipart becomes a base64 field of the payload.
+
+    The file part ``file`` becomes ``<field>_b64`` (``image_b64`` by default, what the face
+    engine reads); ``payload`` may carry the payload's other fields as a JSON object. The result
+    is validated like a ``POST /jobs`` body.
+    """
+
+    async def upload_job(
+        request: Request,
+        file: Annotated[UploadFile, File(description="The file the job is about")],
+        field: Annotated[str, Form(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")] = "image",
+        payload: Annotated[str, Form(description="Other payload fields, a JSON object")] = "{}",
+        wait: WaitQuery = 0,
+    ) -> Response:
+        data = _payload_fields(payload)
+        data[f"{field}_b64"] = base64.b64encode(await file.read()).decode("ascii")
+        if isinstance(payload_type, type) and issubclass(payload_type, BaseModel):
+            try:
+                data = payload_type.model_validate(data).model_dump(mode="json")
+            except ValidationError as exc:
+                raise RequestValidationError(exc.errors(include_url=False)) from None
+        return await _accept(gateway, request, data, wait)
+
+    return upload_job
+
+
+def _payload_fields(text: str) -> dict[str, Any]:
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as exc:
+        fields = exc
+    if not isinstance(fields, dict):
+        error = {"loc": ["body", "payload"], "msg": "must be a JSON object", "type": "value_error"}
+        raise RequestValidationError([error])
+    return fields
 
 
 async def get_job(job_id: str, gateway: GatewayDep) -> Response:
@@ -540,6 +588,20 @@ def _add_job_routes(app: FastAPI, gateway: Gateway, payload_type: Any, guarded: 
         },
         status_code=202,
         summary="Queue a job",
+    )
+    add(
+        "/jobs/upload",
+        _upload_endpoint(gateway, payload_type),
+        "POST",
+        {
+            202: {"model": JobAccepted, "description": "Queued; see the Location header"},
+            200: {"model": JobView, "description": "Finished within `wait` seconds"},
+            **_BODY_ERRORS,
+            429: _problem("The engine is full; retry later", headers=_RETRY_AFTER),
+            503: _problem("The engine is stopping", headers=_RETRY_AFTER),
+        },
+        status_code=202,
+        summary="Queue a job about an uploaded file",
     )
     add("/jobs", list_jobs, "GET", {200: {"model": JobPage}}, summary="List jobs")
     add(
@@ -758,7 +820,7 @@ class ShedWhenFull:
         self.gateway = gateway
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/jobs":
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in _SUBMIT:
             hub = self.gateway.hub
             # Read without the hub's lock, which the hub holds while it works: a count a moment
             # stale is fine here, as `Hub.submit` checks again under the lock.

@@ -276,14 +276,7 @@ class Replica:
             self.stats.dropped += 1
             return
         except Exception as exc:  # user code: the job fails, the step keeps serving.
-            logger.warning(
-                "Step %s failed job %s: %s: %s",
-                self.spec.name,
-                work.envelope.job_id,
-                type(exc).__name__,
-                exc,
-                exc_info=not isinstance(exc, ChannelError | CodecError),
-            )
+            _log_failure(self.spec.name, work.envelope, exc)
             self.fail(work.envelope, exc)
             return
         finally:
@@ -548,9 +541,7 @@ class _WorkerPool:
                 if replica.is_dropped(envelope.job_id, envelope.attempt):
                     break
         except Exception as exc:
-            logger.warning(
-                "Step %s failed job %s.", replica.spec.name, envelope.job_id, exc_info=True
-            )
+            _log_failure(replica.spec.name, envelope, exc)
             records.append(_failure(envelope, replica.spec.name, exc))
         self._put("done", work, (records, time.perf_counter() - started))
 
@@ -603,6 +594,22 @@ class _Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _log_failure(step: str, envelope: Envelope, exc: BaseException) -> None:
+    # A traceback helps with a bug, not with bad input: an exception that carries a stable
+    # `code` (a refused URL, a corrupt image) or an output the SDK refused is one line.
+    expected = isinstance(getattr(exc, "code", None), str) or isinstance(
+        exc, ChannelError | CodecError
+    )
+    logger.warning(
+        "Step %s failed job %s: %s: %s",
+        step,
+        envelope.job_id,
+        type(exc).__name__,
+        exc,
+        exc_info=not expected,
+    )
 
 
 def _failure(envelope: Envelope, step: str, exc: BaseException) -> tuple[Any, ...]:

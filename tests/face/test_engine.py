@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
@@ -36,6 +37,7 @@ from blueengine.jobs import Job
 from services.face import make_engine
 from services.face.fetch import ALLOW_NETS_ENV
 from services.face.gallery import sample_face
+from tests.gateway_engines import Served
 
 from .conftest import MIB, ContentServer, Trap, encode, start_server, stop_server
 
@@ -195,8 +197,25 @@ def outcome(status: str, results: list[dict[str, Any]]) -> Outcome:
     return status, sorted(results, key=lambda result: result["index"])
 
 
-def through_local_engine(client: LocalEngine, payloads: list[dict[str, Any]]) -> list[Outcome]:
-    return [outcome(job.status, job.results) for job in run_jobs(client, payloads)]
+@dataclass
+class Runners:
+    """What the sources run the photos through: the module's engine and its gateway."""
+
+    client: LocalEngine
+    gateway_url: str
+
+
+def through_local_engine(runners: Runners, payloads: list[dict[str, Any]]) -> list[Outcome]:
+    return [outcome(job.status, job.results) for job in run_jobs(runners.client, payloads)]
+
+
+def through_gateway(runners: Runners, payloads: list[dict[str, Any]]) -> list[Outcome]:
+    with httpx.Client(base_url=runners.gateway_url, timeout=JOB_TIMEOUT_S + 10) as http:
+        views = [
+            http.post("/jobs", params={"wait": JOB_TIMEOUT_S}, json=payload).json()
+            for payload in payloads
+        ]
+    return [outcome(view["status"], view["results"]) for view in views]
 
 
 def through_cli(payloads: list[dict[str, Any]], *flags: str) -> list[Outcome]:
@@ -217,30 +236,46 @@ def through_cli(payloads: list[dict[str, Any]], *flags: str) -> list[Outcome]:
     return [outcome(record["status"], record["results"]) for record in records]
 
 
-def through_cli_pipeline(client: LocalEngine, payloads: list[dict[str, Any]]) -> list[Outcome]:
+def through_cli_pipeline(runners: Runners, payloads: list[dict[str, Any]]) -> list[Outcome]:
     return through_cli(payloads)
 
 
-def through_cli_inline(client: LocalEngine, payloads: list[dict[str, Any]]) -> list[Outcome]:
+def through_cli_inline(runners: Runners, payloads: list[dict[str, Any]]) -> list[Outcome]:
     return through_cli(payloads, "--inline")
 
 
-Source = Callable[[LocalEngine, list[dict[str, Any]]], list[Outcome]]
+Source = Callable[[Runners, list[dict[str, Any]]], list[Outcome]]
 
 # Every way of running the engine, each given the same payloads; the first is the reference.
 SOURCES: dict[str, Source] = {
     "local-engine": through_local_engine,
     "cli": through_cli_pipeline,
     "cli-inline": through_cli_inline,
+    "gateway": through_gateway,
 }
 
 
 @pytest.fixture(scope="module")
-def outcomes(client: LocalEngine, server: ContentServer) -> dict[str, dict[str, Outcome]]:
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`blueengine serve services.face:engine` in a child process, as `make run` starts it."""
+    where = tmp_path_factory.mktemp("gateway")
+    env = {ALLOW_NETS_ENV: ALLOWED, "BLUEENGINE_MAX_BODY_BYTES": str(8 * MIB)}
+    served = Served("services.face:engine", str(where / "jobs.db"), log_dir=str(where), env=env)
+    try:
+        yield served.wait_ready(timeout_s=150)
+    finally:
+        served.stop()
+
+
+@pytest.fixture(scope="module")
+def outcomes(
+    client: LocalEngine, gateway: str, server: ContentServer
+) -> dict[str, dict[str, Outcome]]:
     """Each source's outcome per photo name; the sources run at once, sharing the 2 cores."""
     payloads = [photo.payload(server) for photo in PHOTOS]
+    runners = Runners(client, gateway)
     with ThreadPoolExecutor(len(SOURCES)) as pool:
-        futures = {name: pool.submit(source, client, payloads) for name, source in SOURCES.items()}
+        futures = {name: pool.submit(source, runners, payloads) for name, source in SOURCES.items()}
         return {
             name: dict(zip(PHOTO_NAMES, future.result(), strict=True))
             for name, future in futures.items()
@@ -281,6 +316,24 @@ def test_every_source_gives_the_same_results(
 
     for name in PHOTO_NAMES:
         assert outcomes[source][name] == reference[name], name
+
+
+def test_a_photo_uploaded_to_the_gateway_is_recognized(gateway: str, astronaut_png: bytes) -> None:
+    with httpx.Client(base_url=gateway, timeout=JOB_TIMEOUT_S + 10) as http:
+        response = http.post(
+            "/jobs/upload",
+            params={"wait": JOB_TIMEOUT_S},
+            files={"file": ("astronaut.png", astronaut_png, "image/png")},
+            data={"payload": json.dumps({"embedding": True})},
+        )
+
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["status"] == "done"
+    [face] = job["results"]
+    assert face["identity"] == "eileen_collins"
+    assert face["distance"] < 0.6
+    assert len(face["embedding"]) == 128
 
 
 # -- bad input fails its job, clearly -------------------------------------------------------------
