@@ -575,17 +575,18 @@ def _add_job_routes(app: FastAPI, gateway: Gateway, payload_type: Any, guarded: 
             **options,
         )
 
+    submitted = {
+        202: {"model": JobAccepted, "description": "Queued; see the Location header"},
+        200: {"model": JobView, "description": "Finished within `wait` seconds"},
+        **_BODY_ERRORS,
+        429: _problem("The engine is full; retry later", headers=_RETRY_AFTER),
+        503: _problem("The engine is stopping", headers=_RETRY_AFTER),
+    }
     add(
         "/jobs",
         _submit_endpoint(gateway, payload_type),
         "POST",
-        {
-            202: {"model": JobAccepted, "description": "Queued; see the Location header"},
-            200: {"model": JobView, "description": "Finished within `wait` seconds"},
-            **_BODY_ERRORS,
-            429: _problem("The engine is full; retry later", headers=_RETRY_AFTER),
-            503: _problem("The engine is stopping", headers=_RETRY_AFTER),
-        },
+        submitted,
         status_code=202,
         summary="Queue a job",
     )
@@ -593,13 +594,7 @@ def _add_job_routes(app: FastAPI, gateway: Gateway, payload_type: Any, guarded: 
         "/jobs/upload",
         _upload_endpoint(gateway, payload_type),
         "POST",
-        {
-            202: {"model": JobAccepted, "description": "Queued; see the Location header"},
-            200: {"model": JobView, "description": "Finished within `wait` seconds"},
-            **_BODY_ERRORS,
-            429: _problem("The engine is full; retry later", headers=_RETRY_AFTER),
-            503: _problem("The engine is stopping", headers=_RETRY_AFTER),
-        },
+        submitted,
         status_code=202,
         summary="Queue a job about an uploaded file",
     )
