@@ -32,11 +32,21 @@ STEP_NAMES = ("download", "detect", "landmarks", "align", "recognize", "write")
 _STEPS = "services.face.steps"
 
 
+_TINY_PNG = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFElEQVR4nGNsaGhgwAaYsI"
+    "oOWgkAMBcBkGHHl6YAAAAASUVORK5CYII="
+)
+
+
 class FacePayload(BaseModel):
     """A job for the face engine: one image, by URL or inline, and what to report."""
 
-    # Strict, as the download step is: "yes" is not true, 1 is not a URL.
-    model_config = ConfigDict(strict=True)
+    # Strict, as the download step is: "yes" is not true, 1 is not a URL. The example (what
+    # `blueengine serve` prints to paste) is a tiny gray PNG: it works offline, with no faces.
+    model_config = ConfigDict(
+        strict=True,
+        json_schema_extra={"examples": [{"image_url": _TINY_PNG}]},
+    )
 
     image_url: str | None = None
     image_b64: str | None = None
