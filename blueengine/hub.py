@@ -304,18 +304,23 @@ class Hub:
         self.table.expire(time.time())
 
     def _dispatch(self) -> None:
+        started: list[tuple[str, int]] = []
         while self.intake_open:
             target = self.producer.pick()
             if target is None:
-                return
+                break
             envelope = self.table.next_envelope()
             if envelope is None:
-                return
+                break
             frames = [protocol.ITEM, envelope.pack(), *self._payloads[envelope.job_id]]
             if self.producer.send(target, frames):
                 self.table.dispatched(envelope, target.decode())
+                started.append((envelope.job_id, envelope.attempt))
             else:
                 self.table.undispatched(envelope)
+        if started:
+            # One write for the batch: after a restart, attempts already spent still count.
+            self.store.started(started)
 
     def _broadcast(self) -> None:
         if self._drops:

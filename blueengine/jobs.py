@@ -96,6 +96,13 @@ class JobTable:
         """Queue a job (new, or unfinished after a restart) for its next attempt."""
         self.jobs[job.job_id] = job
         job.status = JobStatus.QUEUED
+        if job.attempts >= self.max_attempts:
+            # Resumed after a restart with every attempt spent: perhaps the job itself brought
+            # the engine down, so it must not run again.
+            reason = "the engine stopped while its last attempt ran"
+            message = f"gave up after {job.attempts} attempts: {reason}"
+            self._finish(job.job_id, JobStatus.FAILED, _error(None, "AttemptsExhausted", message))
+            return
         self.queue.append(job.job_id)
 
     def next_envelope(self) -> Envelope | None:

@@ -120,6 +120,13 @@ class SqliteStore:
                 (job.job_id, JobStatus.QUEUED.value, payload, job.created_at),
             )
 
+    def started(self, attempts: list[tuple[str, int]]) -> None:
+        with self._lock:
+            self._db.executemany(
+                "UPDATE jobs SET attempts = ? WHERE job_id = ?",
+                [(attempt, job_id) for job_id, attempt in attempts],
+            )
+
     def finish(self, job: Job) -> None:
         row = (
             job.status.value,

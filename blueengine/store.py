@@ -20,6 +20,9 @@ class JobStore(Protocol):
     def add(self, job: Job) -> None:
         """Keep a new job; durable when this returns."""
 
+    def started(self, attempts: list[tuple[str, int]]) -> None:
+        """Record that these jobs started these attempts (so a restart knows how many ran)."""
+
     def finish(self, job: Job) -> None:
         """Record a job's final state, results and error."""
 
@@ -50,6 +53,9 @@ class MemoryStore:
     def add(self, job: Job) -> None:
         with self._lock:
             self._jobs[job.job_id] = job
+
+    def started(self, attempts: list[tuple[str, int]]) -> None:
+        pass  # the jobs here are the hub's own objects, which count their attempts
 
     def finish(self, job: Job) -> None:
         with self._lock:

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from blueengine import Job, JobStatus
+from blueengine.hub import Hub
 from blueengine.sqlite_store import SqliteStore, StoreLocked
-from tests import gateway_engines
+from tests import engines, gateway_engines
 
 
 @pytest.fixture
@@ -160,4 +161,35 @@ def test_jobs_left_unfinished_by_a_stop_are_resumed_by_the_next_engine(tmp_path)
             assert job.status is JobStatus.DONE
             assert job.results == [{"n": job.payload["n"], "square": job.payload["n"] ** 2}]
     finally:
+        store.close()
+
+
+def test_a_job_that_spent_its_attempts_before_a_restart_fails_instead_of_running_again(tmp_path):
+    path = tmp_path / "jobs.db"
+    store = SqliteStore(path)
+    spent, fresh = Job("spent", {"n": 1}), Job("fresh", {"n": 2})
+    store.add(spent)
+    store.add(fresh)
+    store.started([("spent", 3), ("fresh", 1)])
+    store.close()
+
+    store = SqliteStore(path)
+    hub = Hub(
+        engines.three_steps(max_attempts=3),
+        f"ipc://{tmp_path}/j",
+        f"ipc://{tmp_path}/e",
+        store=store,
+    )
+    hub.start()
+    try:
+        failed = hub.get("spent")
+        assert failed.status is JobStatus.FAILED
+        assert failed.error["type"] == "AttemptsExhausted"
+        assert "stopped while its last attempt ran" in failed.error["message"]
+        assert store.get("spent").status is JobStatus.FAILED
+        with hub.lock:
+            assert hub.table.queue == ["fresh"]
+            assert hub.table.jobs["fresh"].attempts == 1
+    finally:
+        hub.stop()
         store.close()
