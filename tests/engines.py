@@ -128,8 +128,9 @@ def setup_engine() -> BlueEngine:
 
 def sleepy_fetch(context: Context, input: dict[str, Any]) -> Any:
     job = input["Control"]
+    started = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process on Linux
     time.sleep(job["sleep_s"])
-    return {"forward": job["i"]}
+    return {"forward": (job["i"], started, time.monotonic())}
 
 
 def concurrent_engine(concurrency: int) -> BlueEngine:
@@ -140,7 +141,8 @@ def concurrent_engine(concurrency: int) -> BlueEngine:
 
 
 def lambda_free_note(context: Context, input: dict[str, Any]) -> Any:
-    return {"Result": {"i": input["forward"]}}
+    i, started, ended = input["forward"]
+    return {"Result": {"i": i, "started": started, "ended": ended}}
 
 
 class Opaque:
