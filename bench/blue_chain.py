@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import time
-from types import TracebackType
 
-from bench.chain import JOB_TIMEOUT_S
+from bench.chain import JOB_TIMEOUT_S, Closing
 from bench.steps import chain_engine
 from blueengine import BlueEngineError, JobStatus
 from blueengine.client import LocalEngine
 
 
-class BlueEngineChain:
+class BlueEngineChain(Closing):
     """A running engine ``source -> hop1 .. hopN -> sink``, driven through its local client."""
 
     name = "BlueEngine"
@@ -42,17 +41,6 @@ class BlueEngineChain:
 
     def close(self) -> None:
         self.client.stop()
-
-    def __enter__(self) -> BlueEngineChain:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _check_done(status: JobStatus, error: object) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import multiprocessing
+from collections.abc import Callable, Sequence
 from multiprocessing.process import BaseProcess
-from typing import Protocol
+from types import TracebackType
+from typing import Any, Protocol, Self
 
 JOB_TIMEOUT_S = 120.0
 """No benchmark run takes near this long; a chain that does is broken, not slow."""
@@ -21,6 +23,35 @@ def check_alive(name: str, processes: Sequence[BaseProcess]) -> None:
                 f"{name}: process {process.name} exited with code {process.exitcode}; "
                 "its traceback is above"
             )
+
+
+def spawn_all(plans: Sequence[tuple[Callable[..., None], tuple[Any, ...]]]) -> list[BaseProcess]:
+    """Start one spawned process per (target, args), in order; return them."""
+    spawn = multiprocessing.get_context("spawn")
+    processes: list[BaseProcess] = [
+        spawn.Process(target=target, args=args, daemon=True) for target, args in plans
+    ]
+    for process in processes:
+        process.start()
+    return processes
+
+
+class Closing:
+    """A chain used as a context manager: `close()` on the way out, whatever happened."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 class Chain(Protocol):

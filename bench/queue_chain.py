@@ -11,10 +11,9 @@ import queue
 import time
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
-from types import TracebackType
 from typing import Any
 
-from bench.chain import CHECK_INTERVAL_S, JOB_TIMEOUT_S, check_alive
+from bench.chain import CHECK_INTERVAL_S, JOB_TIMEOUT_S, Closing, check_alive, spawn_all
 from bench.payloads import latency_ns, new_item
 
 
@@ -41,7 +40,7 @@ def run_sink(upstream: Queue[Any], results: Queue[Any]) -> None:
             results.put(latency_ns(item))
 
 
-class QueueChain:
+class QueueChain(Closing):
     """source -> `hops` forwarders -> sink as processes linked by bounded queues."""
 
     name = "mp.Queue"
@@ -55,11 +54,7 @@ class QueueChain:
         for index in range(hops):
             plans.append((run_forwarder, (links[index], links[index + 1])))
         plans.append((run_sink, (links[-1], self._results)))
-        self._processes: list[BaseProcess] = [
-            spawn.Process(target=target, args=args, daemon=True) for target, args in plans
-        ]
-        for process in self._processes:
-            process.start()
+        self._processes: list[BaseProcess] = spawn_all(plans)
         try:
             self.one_item("small")  # returns once every process is up and connected
         except BaseException:
@@ -101,14 +96,3 @@ class QueueChain:
             if process.is_alive():
                 process.terminate()
                 process.join()
-
-    def __enter__(self) -> QueueChain:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -10,19 +10,17 @@ step must (`decode=True`), which separates the codec's share of a hop from the p
 
 from __future__ import annotations
 
-import multiprocessing
 import shutil
 import tempfile
 import time
 from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
-from types import TracebackType
 from typing import Any
 
 import msgpack
 import zmq
 
-from bench.chain import CHECK_INTERVAL_S, JOB_TIMEOUT_S, check_alive
+from bench.chain import CHECK_INTERVAL_S, JOB_TIMEOUT_S, Closing, check_alive, spawn_all
 from bench.payloads import latency_ns, new_item
 from blueengine import codec
 
@@ -85,7 +83,7 @@ def run_sink(upstream: str, results: str, depth: int) -> None:
             outbox.send(msgpack.packb(latency_ns(item)))
 
 
-class ZmqChain:
+class ZmqChain(Closing):
     """source -> `hops` forwarders -> sink as processes, driven over two more sockets."""
 
     def __init__(self, hops: int, depth: int, decode: bool = False) -> None:
@@ -98,18 +96,13 @@ class ZmqChain:
         self._results.bind(addresses[-1])
         self._commands.connect(addresses[0])
 
-        spawn = multiprocessing.get_context("spawn")
         plans: list[tuple[Any, tuple[Any, ...]]] = [
             (run_source, (addresses[0], addresses[1], depth))
         ]
         for index in range(1, hops + 1):
             plans.append((run_forwarder, (addresses[index], addresses[index + 1], depth, decode)))
         plans.append((run_sink, (addresses[hops + 1], addresses[-1], depth)))
-        self._processes: list[BaseProcess] = [
-            spawn.Process(target=target, args=args, daemon=True) for target, args in plans
-        ]
-        for process in self._processes:
-            process.start()
+        self._processes: list[BaseProcess] = spawn_all(plans)
         try:
             self.one_item("small")  # returns once every process is up and connected
         except BaseException:
@@ -152,14 +145,3 @@ class ZmqChain:
         self._results.close()
         self._context.term()
         shutil.rmtree(self._dir, ignore_errors=True)
-
-    def __enter__(self) -> ZmqChain:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
